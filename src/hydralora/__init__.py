@@ -1,0 +1,28 @@
+"""hydralora: HydraLoRA (one shared A, N router-mixed B experts) as a real PEFT method.
+
+`import hydralora` registers the PEFT method "hydralora", so `peft.get_peft_model(model, HydraLoraConfig(...))`
+returns a `peft.PeftModel` and `peft.PeftModel.from_pretrained` loads saved HydraLoRA adapters.
+"""
+
+from ._peft_compat import register as _register
+from .tuner import HydraLinear, HydraLoraConfig, HydraLoraLayer, HydraLoraModel
+
+_register(HydraLoraConfig, HydraLoraModel)
+
+from .export import export_lora, merge_and_unload  # noqa: E402
+from .routing import expert_usage, get_aux_loss, get_routing, hydra_layers, set_routing  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "HydraLoraConfig",
+    "HydraLinear",
+    "HydraLoraLayer",
+    "HydraLoraModel",
+    "expert_usage",
+    "export_lora",
+    "get_aux_loss",
+    "get_routing",
+    "hydra_layers",
+    "merge_and_unload",
+    "set_routing",
+]

@@ -1,0 +1,37 @@
+"""The one place that reaches into PEFT's internals: add HYDRALORA to the closed PeftType enum and register.
+
+PEFT's `register_peft_method` only accepts names already in `PeftType`. We extend the enum with `aenum` and
+then register through the public function. Tested with the peft versions in TESTED_PEFT; tests/test_peft_compat.py
+fails loudly when a new peft changes what this relies on.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+from aenum import extend_enum
+from packaging.specifiers import SpecifierSet
+from peft.utils import PeftType
+
+TESTED_PEFT = SpecifierSet(">=0.21.0,<0.22")
+NAME = "hydralora"
+
+
+def register(config_cls, model_cls) -> None:
+    """Idempotently add PeftType.HYDRALORA and register HydraLoRA's config and tuner with PEFT."""
+    if peft.__version__ not in TESTED_PEFT:
+        warnings.warn(
+            f"hydralora is tested with peft {TESTED_PEFT}; found peft {peft.__version__}. If loading or saving "
+            "fails, install a tested version: pip install 'peft>=0.21,<0.22'.",
+            stacklevel=2,
+        )
+    if NAME.upper() not in PeftType.__members__:
+        extend_enum(PeftType, NAME.upper(), NAME.upper())
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import register_peft_method
+
+    peft_type = PeftType(NAME.upper())
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
+        return
+    register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)

@@ -1,0 +1,409 @@
+"""The HydraLoRA layer: wraps a frozen Linear/Conv1D and adds sum_i w_i(x) B_i A x in one stacked GEMM."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from transformers.pytorch_utils import Conv1D
+
+from .config import HydraLoraConfig
+
+ROUTING_MODES = ("token", "sequence", "fixed")
+
+MERGE_UNDER_TOKEN_ROUTING = (
+    "HydraLoRA cannot merge under token routing: the gate w(x) differs for every token, so sum_i w_i(x) B_i A "
+    "is not one fixed matrix. Choose a fixed gate first: hydralora.merge_and_unload(model, gate='mean' | expert "
+    "index | [w_1, ..., w_N]) or hydralora.set_routing(model, 'fixed', gate) followed by merge_adapter()."
+)
+
+
+def balance_loss(probs: torch.Tensor, kind: str, top_k: Optional[int] = None) -> torch.Tensor:
+    """Load-balancing loss of router probabilities `probs` (T, N), fp32.
+
+    'switch': N * sum_i f_i P_i (Switch Transformer), f_i = share of tokens dispatched to expert i (its top-k),
+    P_i = mean router probability. 'cv2': squared coefficient of variation of the experts' importance
+    (sum of gate weights), the form in the authors' repository.
+    """
+    n = probs.shape[-1]
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    if kind == "switch":
+        k = top_k or 1
+        chosen = probs.topk(k, dim=-1).indices  # (T, k)
+        dispatch = torch.zeros_like(probs).scatter_(-1, chosen, 1.0 / k)  # (T, N)
+        f = dispatch.mean(0)  # (N,)
+        p = probs.mean(0)  # (N,)
+        return n * (f * p).sum()
+    importance = probs.sum(0)  # (N,)
+    if n == 1:
+        return importance.sum() * 0.0
+    return importance.var() / (importance.mean() ** 2 + 1e-10)
+
+
+class HydraLoraLayer(BaseTunerLayer):
+    """State and maths shared by every HydraLoRA-wrapped layer (one entry per adapter name)."""
+
+    adapter_layer_names = ("hydralora_A", "hydralora_B", "hydralora_router")
+    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "hydralora_dropout", "hydralora_init", "hconfig")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.num_experts: dict[str, int] = {}
+        self.hconfig: dict[str, HydraLoraConfig] = {}
+        self.hydralora_A = nn.ParameterDict({})  # (r, k)
+        self.hydralora_B = nn.ParameterDict({})  # (N, d, r): one stacked tensor for all experts
+        self.hydralora_router = nn.ParameterDict({})  # (N, k) or (N, r)
+        # R-LoRA: frozen copies of the initial A and B, subtracted so the model starts equal to the base.
+        self.hydralora_init = BufferDict({}, persistent=True)
+        self.hydralora_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        # Routing state (not saved): see hydralora.routing.set_routing.
+        self.routing_mode = "token"
+        self.fixed_gate: Optional[torch.Tensor] = None
+        self._token_mask: Optional[torch.Tensor] = None  # (B, T) real-token mask set by the model hook
+        self._reuse_sequence_gate = False  # True on decode steps: reuse the prompt's gate
+        self._sequence_gate: dict[str, torch.Tensor] = {}  # name -> (B, N)
+        self._recording = True  # False while checkpointed segments are recomputed in backward
+        self.last_aux_loss: dict[str, Optional[torch.Tensor]] = {}
+        self.usage_sum: dict[str, torch.Tensor] = {}  # name -> (N,) summed gate weights
+        self.usage_tokens: dict[str, torch.Tensor] = {}  # name -> () number of tokens seen
+
+        base = self.get_base_layer()
+        if isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape
+        elif hasattr(base, "in_features") and hasattr(base, "out_features"):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:
+            in_f, out_f = _get_in_out_features(base)
+            if in_f is None:
+                raise TypeError(f"HydraLoRA cannot wrap {type(base).__name__}: only Linear-like layers are supported.")
+            self.in_features, self.out_features = in_f, out_f
+
+    # ----------------------------------------------------------------------------------------------------------
+    # creation
+    def update_layer(self, adapter_name: str, config: HydraLoraConfig, inference_mode: bool = False) -> None:
+        if not config.resolved:
+            raise ValueError(
+                "HydraLoraConfig.num_experts='auto' must be resolved to an integer before the adapter is built: "
+                "use `hydralora train` (which finds N from the corpus) or hydralora.clustering.resolve_num_experts."
+            )
+        r, n = config.r, config.num_experts
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.num_experts[adapter_name] = n
+        self.hconfig[adapter_name] = config
+        p = config.lora_dropout
+        self.hydralora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        router_in = self.in_features if config.router_input == "x" else r
+        self.hydralora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.hydralora_B[adapter_name] = nn.Parameter(torch.empty(n, self.out_features, r))
+        self.hydralora_router[adapter_name] = nn.Parameter(torch.empty(n, router_in))
+        self.reset_parameters(adapter_name)
+        self.last_aux_loss[adapter_name] = None
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str) -> None:
+        cfg = self.hconfig[adapter_name]
+        A, B, W_g = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name], self.hydralora_router[adapter_name]
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as LoRA's A
+        # Router: small init so the initial gate is close to uniform but not exactly (breaks expert symmetry).
+        nn.init.kaiming_uniform_(W_g, a=math.sqrt(5))
+        W_g.mul_(0.1)
+        if cfg.init_b == "zeros":
+            nn.init.zeros_(B)
+            for key in (adapter_name + "_A", adapter_name + "_B"):
+                if key in self.hydralora_init:
+                    self.hydralora_init.pop(key)
+        else:
+            nn.init.normal_(B, std=cfg.init_b_std)
+            self.hydralora_init[adapter_name + "_A"] = A.detach().clone()
+            self.hydralora_init[adapter_name + "_B"] = B.detach().clone()
+
+    def _init_offset(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        key = adapter_name + "_A"
+        if key not in self.hydralora_init:
+            return None
+        return self.hydralora_init[key], self.hydralora_init[adapter_name + "_B"]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # gates
+    def _finish_gate(self, adapter_name: str, probs: torch.Tensor) -> torch.Tensor:
+        """Top-k and (at inference) masked experts, both renormalised. probs: (..., N) fp32."""
+        cfg = self.hconfig[adapter_name]
+        if cfg.top_k is not None and cfg.top_k < probs.shape[-1]:
+            vals, idx = probs.topk(cfg.top_k, dim=-1)  # (..., k)
+            probs = torch.zeros_like(probs).scatter(-1, idx, vals)  # (..., N)
+            probs = probs / probs.sum(-1, keepdim=True)
+        if cfg.masked_experts and not self.training:
+            keep = torch.ones(probs.shape[-1], device=probs.device, dtype=probs.dtype)
+            keep[cfg.masked_experts] = 0.0
+            probs = probs * keep  # (..., N)
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+        return probs
+
+    def _token_probs(self, adapter_name: str, logits: torch.Tensor) -> torch.Tensor:
+        """Router softmax in fp32. logits: (..., N) -> (..., N)."""
+        return torch.softmax(logits.float() / self.hconfig[adapter_name].router_temperature, dim=-1)
+
+    def _mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The (B, T) real-token mask of the running model call, if it matches x's leading dims."""
+        m = self._token_mask
+        if m is None or x.dim() != 3 or tuple(m.shape) != tuple(x.shape[:2]):
+            return None
+        return m
+
+    def _gate(self, adapter_name: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gate weights (..., N) fp32 that the layer applies, per the routing mode."""
+        n = self.num_experts[adapter_name]
+        if self.routing_mode == "fixed":
+            gate = self.fixed_gate.to(device=logits.device, dtype=torch.float32)  # (N,)
+            return self._finish_gate(adapter_name, gate).expand(*logits.shape[:-1], n)
+        probs = self._token_probs(adapter_name, logits)  # (..., N)
+        if self.routing_mode == "token":
+            return self._finish_gate(adapter_name, probs)
+        # sequence: one gate per sequence = mean router weights over the prompt's real tokens
+        cached = self._sequence_gate.get(adapter_name)
+        if self._reuse_sequence_gate and cached is not None and x.dim() == 3 and cached.shape[0] == x.shape[0]:
+            seq = cached  # (B, N)
+        else:
+            p3 = probs if probs.dim() == 3 else probs.reshape(1, -1, n)  # (B, T, N)
+            mask = self._mask_for(x)
+            w = torch.ones(p3.shape[:2], device=p3.device) if mask is None else mask.to(p3.dtype)  # (B, T)
+            seq = (p3 * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, N)
+            self._sequence_gate[adapter_name] = seq.detach()
+        seq = self._finish_gate(adapter_name, seq)  # (B, N)
+        if probs.dim() == 3:
+            return seq.unsqueeze(1).expand_as(probs)  # (B, T, N)
+        return seq.reshape(n).expand_as(probs)
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """The gate weights (..., N) this layer applies to input x (no dropout), in the current routing mode."""
+        name = adapter_name or self.active_adapters[0]
+        A, W_g = self.hydralora_A[name], self.hydralora_router[name]
+        x = self._cast_input_dtype(x, A.dtype)
+        src = x if self.hconfig[name].router_input == "x" else F.linear(x, A)  # (..., k) or (..., r)
+        logits = F.linear(src, W_g)  # (..., N)
+        return self._gate(name, logits, x)
+
+    def expert_delta_weights(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """(alpha / r) B_i A for every expert: (N, out_features, in_features), net of any R-LoRA init offset."""
+        name = adapter_name or self.active_adapters[0]
+        A, B = self.hydralora_A[name], self.hydralora_B[name]
+        delta = torch.einsum("ndr,rk->ndk", B, A)  # (N, d, k)
+        offset = self._init_offset(name)
+        if offset is not None:
+            A0, B0 = offset
+            delta = delta - torch.einsum("ndr,rk->ndk", B0, A0)  # (N, d, k)
+        return delta * self.scaling[name]
+
+    def fixed_gate_factors(self, adapter_name: str, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a fixed gate, the update as an ordinary LoRA pair (A', B') with B' A' = sum_i w_i B_i A (unscaled).
+
+        Rank r, or 2r when an R-LoRA init offset is present ([A; A0], [sum w B, -sum w B0]).
+        """
+        A, B = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name]
+        w = self._finish_gate(adapter_name, gate.to(device=B.device, dtype=torch.float32)).to(B.dtype)  # (N,)
+        B_eff = torch.einsum("n,ndr->dr", w, B)  # (d, r)
+        offset = self._init_offset(adapter_name)
+        if offset is None:
+            return A, B_eff
+        A0, B0 = offset
+        B0_eff = torch.einsum("n,ndr->dr", w, B0.to(B.dtype))  # (d, r)
+        return torch.cat([A, A0.to(A.dtype)], 0), torch.cat([B_eff, -B0_eff], 1)  # (2r, k), (d, 2r)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The fixed-gate update in the base weight's layout (Conv1D stores (in, out))."""
+        if self.routing_mode != "fixed" or self.fixed_gate is None:
+            raise ValueError(MERGE_UNDER_TOKEN_ROUTING)
+        A_eff, B_eff = self.fixed_gate_factors(adapter_name, self.fixed_gate)
+        delta = (B_eff @ A_eff) * self.scaling[adapter_name]  # (d, k)
+        return delta.T if isinstance(self.get_base_layer(), Conv1D) else delta
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward pieces
+    def _project(self, adapter_name: str, x: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = A dropout(x) and the router logits, computed once per token.
+
+        x: (..., k); A: (m, k) with m = r, or 2r with the R-LoRA offset stacked under it (same dropout mask).
+        Returns h (..., m) or (..., N, m) with per-expert dropout, and logits (..., N).
+        """
+        cfg = self.hconfig[adapter_name]
+        W_g = self.hydralora_router[adapter_name]
+        drop = self.hydralora_dropout[adapter_name]
+        n, m, r = W_g.shape[0], A.shape[0], self.r[adapter_name]
+        dropout_active = self.training and not isinstance(drop, nn.Identity)
+        if cfg.router_input == "x" and not dropout_active:
+            # One GEMM for A and the router: both read the same x.
+            hl = F.linear(x, torch.cat([A, W_g], 0))  # (..., m+N)
+            return hl[..., :m], hl[..., m:]
+        if cfg.expert_dropout and dropout_active:
+            xe = drop(x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]))  # (..., N, k): one mask per expert
+            h = F.linear(xe, A)  # (..., N, m)
+            src = x if cfg.router_input == "x" else F.linear(x, A[:r])  # (..., k) or (..., r)
+            return h, F.linear(src, W_g)  # (..., N, m), (..., N)
+        h = F.linear(drop(x), A)  # (..., m)
+        src = x if cfg.router_input == "x" else h[..., :r]  # (..., k) or (..., r)
+        return h, F.linear(src, W_g)  # (..., m), (..., N)
+
+    def _record(self, adapter_name: str, logits: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> None:
+        """Aux balance loss (training) and usage statistics, over real tokens only."""
+        if not self._recording:
+            return
+        cfg = self.hconfig[adapter_name]
+        n = gate.shape[-1]
+        mask = self._mask_for(x)
+        flat_gate = gate.reshape(-1, n)  # (T', N)
+        keep = None if mask is None else mask.reshape(-1).bool()  # (T',)
+        if self.training and cfg.balance_loss_coef > 0 and self.routing_mode == "token":
+            probs = self._token_probs(adapter_name, logits).reshape(-1, n)  # (T', N)
+            if keep is not None:
+                probs = probs[keep]
+            self.last_aux_loss[adapter_name] = balance_loss(probs, cfg.balance_loss, cfg.top_k)
+        else:
+            self.last_aux_loss[adapter_name] = None
+        if cfg.track_usage:
+            with torch.no_grad():
+                g = flat_gate.detach()
+                if keep is not None:
+                    g = g[keep]
+                s, t = g.sum(0), torch.tensor(float(g.shape[0]), device=g.device)
+                if adapter_name in self.usage_sum and self.usage_sum[adapter_name].device == s.device:
+                    self.usage_sum[adapter_name] += s
+                    self.usage_tokens[adapter_name] += t
+                else:
+                    self.usage_sum[adapter_name], self.usage_tokens[adapter_name] = s, t
+
+    def hydra_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + (alpha/r) sum_i w_i B_i A dropout(x), all experts in one GEMM. x: (..., k), result: (..., d)."""
+        A, B = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name]  # (r, k), (N, d, r)
+        n, d, r = B.shape
+        x = self._cast_input_dtype(x, A.dtype)
+        offset = self._init_offset(adapter_name)
+        if offset is not None:
+            A = torch.cat([A, offset[0].to(A.dtype)], 0)  # (2r, k): the frozen initial A shares x's dropout mask
+        h, logits = self._project(adapter_name, x, A)  # (..., m) | (..., N, m), (..., N)
+        gate = self._gate(adapter_name, logits, x)  # (..., N) fp32
+        self._record(adapter_name, logits, gate, x)
+        gs = (gate * self.scaling[adapter_name]).to(h.dtype)  # (..., N): scaling folded into the gate
+        hn = h.unsqueeze(-2) if h.dim() == gs.dim() else h  # (..., 1|N, m)
+        z = gs.unsqueeze(-1) * hn[..., :r]  # (..., N, r)
+        z = z.reshape(*z.shape[:-2], n * r)  # (..., N*r)
+        B_flat = B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*r), expert-major along the rank
+        if offset is not None:
+            z0 = gs.unsqueeze(-1) * hn[..., r:]  # (..., N, r)
+            z = torch.cat([z, -z0.reshape(*z0.shape[:-2], n * r)], -1)  # (..., 2*N*r)
+            B0_flat = offset[1].to(B.dtype).permute(1, 0, 2).reshape(d, n * r)  # (d, N*r)
+            B_flat = torch.cat([B_flat, B0_flat], 1)  # (d, 2*N*r)
+        if result.dtype == z.dtype and result.is_contiguous():
+            # Fuse the residual add into the GEMM epilogue: y is read once, not again by a separate add.
+            out = torch.addmm(result.reshape(-1, d), z.reshape(-1, z.shape[-1]), B_flat.t())  # (T, d)
+            return out.view(result.shape)
+        return result + F.linear(z, B_flat).to(result.dtype)  # (..., d)
+
+    def _usage(self, adapter_name: str) -> Optional[torch.Tensor]:
+        if adapter_name not in self.usage_sum:
+            return None
+        return self.usage_sum[adapter_name] / self.usage_tokens[adapter_name].clamp_min(1.0)
+
+    def reset_usage(self) -> None:
+        self.usage_sum.clear()
+        self.usage_tokens.clear()
+
+
+class HydraLinear(nn.Module, HydraLoraLayer):
+    """HydraLoRA around a Linear or Conv1D base layer: forward returns base_layer(x) + delta, a Tensor."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HydraLoraConfig, **kwargs) -> None:
+        super().__init__()
+        HydraLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)  # (..., d)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.hydralora_A:
+                result = self.hydra_delta(name, x, result)  # (..., d)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge the fixed-gate update into the base weight (refused under token or sequence routing)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.hydralora_A:
+                continue
+            delta = self.get_delta_weight(name).to(base.weight.dtype)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights; adapter {name!r} seems broken.")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.hydralora_A:
+                base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+
+    def __repr__(self) -> str:
+        return "hydralora." + super().__repr__()
+
+
+def validate_gate(gate: Union[str, int, Sequence[float], torch.Tensor], num_experts: int, usage=None) -> torch.Tensor:
+    """Turn a user gate ('mean', 'usage', an expert index, or N non-negative weights) into an (N,) fp32 tensor."""
+    if isinstance(gate, str):
+        if gate == "mean":
+            return torch.full((num_experts,), 1.0 / num_experts)
+        if gate == "usage":
+            if usage is None:
+                raise ValueError(
+                    "gate='usage' needs recorded expert usage: run some data through the model first "
+                    "(usage statistics are tracked when HydraLoraConfig.track_usage=True)."
+                )
+            return usage.detach().float().cpu() / usage.sum().clamp_min(1e-12).cpu()
+        raise ValueError(f"gate={gate!r} is invalid: allowed are 'mean', 'usage', an expert index or {num_experts} weights.")
+    if isinstance(gate, bool):
+        raise ValueError(f"gate={gate!r} is invalid: allowed are 'mean', 'usage', an expert index or {num_experts} weights.")
+    if isinstance(gate, int):
+        if not 0 <= gate < num_experts:
+            raise ValueError(f"gate={gate} is invalid: an expert index must lie in [0, {num_experts - 1}].")
+        return F.one_hot(torch.tensor(gate), num_experts).float()
+    g = torch.as_tensor(gate, dtype=torch.float32).detach().cpu().flatten()
+    if g.numel() != num_experts:
+        raise ValueError(f"gate has {g.numel()} weights; this adapter has num_experts={num_experts}.")
+    if not torch.isfinite(g).all() or (g < 0).any() or g.sum() <= 0:
+        raise ValueError(f"gate={g.tolist()} is invalid: weights must be finite, non-negative and not all zero.")
+    return g / g.sum()

@@ -1,0 +1,147 @@
+"""HydraLoraModel: injects HydraLinear layers into a model, the PEFT way, and owns the model-level hooks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers.pytorch_utils import Conv1D
+
+from .config import HydraLoraConfig
+from .layer import MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
+
+
+def _linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the Linear/Conv1D modules a model has (for error messages)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and name:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+class HydraLoraModel(BaseTuner):
+    """Creates a HydraLoRA model from a pretrained transformers model (use `peft.get_peft_model`)."""
+
+    prefix: str = "hydralora_"
+    tuner_layer_cls = HydraLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model, config, adapter_name="default", low_cpu_mem_usage: bool = False, state_dict=None):
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        # Hooks on the wrapped model (not on this wrapper) so that generate(), which calls the inner model's
+        # forward directly, sees them too.
+        self._hydra_hooks = [
+            self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._post_forward, with_kwargs=True),
+        ]
+        self.aux_loss: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # injection
+    def _check_new_adapter_config(self, config: HydraLoraConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if not config.resolved:
+            raise ValueError(
+                "HydraLoraConfig.num_experts='auto' must be resolved before get_peft_model: run `hydralora train` "
+                "(it finds N from the training corpus) or call "
+                "config.resolve_num_experts(*hydralora.clustering.resolve_num_experts(texts))."
+            )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as err:
+            if "not found in the base model" not in str(err) and "No modules were targeted" not in str(err):
+                raise
+            cfg = self.peft_config[adapter_name]
+            raise ValueError(
+                f"HydraLoraConfig.target_modules={cfg.target_modules!r} matched no module of "
+                f"{type(model).__name__}. Its Linear/Conv1D modules are named: {_linear_module_names(model)} "
+                "(give a list of these names, a regex over full module names, or 'all-linear')."
+            ) from err
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if current_key is None:
+            raise ValueError("Current key shouldn't be `None`")
+        if isinstance(target, HydraLoraLayer):
+            target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, Conv1D):
+            if not config.fan_in_fan_out:
+                config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)
+        elif not isinstance(base, nn.Linear) and not hasattr(base, "in_features"):
+            raise TypeError(
+                f"HydraLoRA cannot adapt {current_key} ({type(base).__name__}): supported are torch.nn.Linear, "
+                "transformers' Conv1D and Linear-like (quantized) layers."
+            )
+        new_module = HydraLinear(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # model-level hooks: routing context and the balance loss
+    def hydra_layers(self) -> list[tuple[str, HydraLoraLayer]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
+
+    def _pre_forward(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        embeds = kwargs.get("inputs_embeds")
+        seq_len = ids.shape[1] if ids is not None and ids.dim() == 2 else (
+            embeds.shape[1] if embeds is not None and embeds.dim() == 3 else None
+        )
+        token_mask = None
+        if torch.is_tensor(mask) and mask.dim() == 2 and seq_len is not None and mask.shape[1] >= seq_len:
+            token_mask = mask[:, -seq_len:].bool()  # (B, T): align with this call's tokens (decode steps)
+        past = kwargs.get("past_key_values")
+        decoding = False
+        if past is not None:
+            get_len = getattr(past, "get_seq_length", None)
+            decoding = bool(get_len() > 0) if callable(get_len) else True
+        for _, layer in self.hydra_layers():
+            layer._token_mask = token_mask
+            layer._reuse_sequence_gate = decoding
+            layer._recording = True
+            for name in layer.last_aux_loss:
+                layer.last_aux_loss[name] = None
+        return None
+
+    def _post_forward(self, module, args, kwargs, output):
+        layers = self.hydra_layers()
+        terms = []
+        coef = 0.0
+        for _, layer in layers:
+            layer._recording = False  # a non-reentrant checkpoint recompute in backward must not count again
+            layer._token_mask = None
+            for name in layer.active_adapters:
+                value = layer.last_aux_loss.get(name)
+                if value is not None:
+                    terms.append(value)
+                    coef = layer.hconfig[name].balance_loss_coef
+        if not terms:
+            self.aux_loss = None
+            return output
+        aux = torch.stack([t.to(terms[0].device) for t in terms]).mean()  # mean over adapted layers
+        self.aux_loss = aux
+        loss = getattr(output, "loss", None)
+        if loss is not None and coef > 0:
+            output.loss = loss + coef * aux.to(loss.dtype)
+        return output
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        for handle in self._hydra_hooks:
+            handle.remove()
+        self._hydra_hooks = []
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _check_merge_allowed(self):
+        super()._check_merge_allowed()
+        for _, layer in self.hydra_layers():
+            if layer.routing_mode != "fixed":
+                raise ValueError(MERGE_UNDER_TOKEN_ROUTING)
