@@ -158,7 +158,8 @@ class HydraLoraLayer(BaseTunerLayer):
 
     def _token_probs(self, adapter_name: str, logits: torch.Tensor) -> torch.Tensor:
         """Router softmax in fp32. logits: (..., N) -> (..., N)."""
-        return torch.softmax(logits.float() / self.hconfig[adapter_name].router_temperature, dim=-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
+        return torch.softmax(logits / self.hconfig[adapter_name].router_temperature, dim=-1)
 
     def _mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The (B, T) real-token mask of the running model call, if it matches x's leading dims."""
@@ -171,7 +172,7 @@ class HydraLoraLayer(BaseTunerLayer):
         """Gate weights (..., N) fp32 that the layer applies, per the routing mode."""
         n = self.num_experts[adapter_name]
         if self.routing_mode == "fixed":
-            gate = self.fixed_gate.to(device=logits.device, dtype=torch.float32)  # (N,)
+            gate = self.fixed_gate.to(device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))  # (N,)
             return self._finish_gate(adapter_name, gate).expand(*logits.shape[:-1], n)
         probs = self._token_probs(adapter_name, logits)  # (..., N)
         if self.routing_mode == "token":
@@ -262,24 +263,27 @@ class HydraLoraLayer(BaseTunerLayer):
         return h, F.linear(src, W_g)  # (..., m), (..., N)
 
     def _record(self, adapter_name: str, logits: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> None:
-        """Aux balance loss (training) and usage statistics, over real tokens only."""
-        if not self._recording:
-            return
+        """Aux balance loss (training) and usage statistics, over real tokens only.
+
+        A non-reentrant checkpoint recompute runs this again in backward: it must save the same tensors, so the
+        loss is recomputed, but neither it nor the usage is stored a second time (`_recording` is False then).
+        """
         cfg = self.hconfig[adapter_name]
         n = gate.shape[-1]
         mask = self._mask_for(x)
-        flat_gate = gate.reshape(-1, n)  # (T', N)
         keep = None if mask is None else mask.reshape(-1).bool()  # (T',)
+        aux = None
         if self.training and cfg.balance_loss_coef > 0 and self.routing_mode == "token":
             probs = self._token_probs(adapter_name, logits).reshape(-1, n)  # (T', N)
             if keep is not None:
                 probs = probs[keep]
-            self.last_aux_loss[adapter_name] = balance_loss(probs, cfg.balance_loss, cfg.top_k)
-        else:
-            self.last_aux_loss[adapter_name] = None
+            aux = balance_loss(probs, cfg.balance_loss, cfg.top_k)
+        if not self._recording:
+            return
+        self.last_aux_loss[adapter_name] = aux
         if cfg.track_usage:
             with torch.no_grad():
-                g = flat_gate.detach()
+                g = gate.detach().reshape(-1, n)  # (T', N)
                 if keep is not None:
                     g = g[keep]
                 s, t = g.sum(0), torch.tensor(float(g.shape[0]), device=g.device)

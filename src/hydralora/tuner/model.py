@@ -117,8 +117,9 @@ class HydraLoraModel(BaseTuner):
         terms = []
         coef = 0.0
         for _, layer in layers:
-            layer._recording = False  # a non-reentrant checkpoint recompute in backward must not count again
-            layer._token_mask = None
+            # A non-reentrant checkpoint recompute in backward must not count again; the token mask stays so the
+            # recompute repeats the same ops.
+            layer._recording = False
             for name in layer.active_adapters:
                 value = layer.last_aux_loss.get(name)
                 if value is not None:

@@ -1,0 +1,411 @@
+"""Core behaviour of the HydraLoRA PEFT method over a TEST_CASES matrix of tiny models x configs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import peft
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import hydralora
+from hydralora import HydraLoraConfig
+
+from conftest import TARGETS, TASK_TYPES, batch, make_model, randomize_adapters
+
+# (family, extra config) -- every test that takes `case` runs over all of them.
+TEST_CASES = [
+    ("llama", {}),
+    ("llama", {"target_modules": "all-linear"}),
+    ("llama", {"router_input": "lora_a", "num_experts": 4}),
+    ("llama", {"top_k": 2}),
+    ("llama", {"init_b": "rlora"}),
+    ("gpt2", {}),
+    ("bert", {}),
+    ("qwen2", {"num_experts": 2, "router_temperature": 0.5}),
+]
+IDS = [f"{fam}-{'-'.join(f'{k}={v}' for k, v in extra.items()) or 'default'}" for fam, extra in TEST_CASES]
+
+
+def build(family, extra=None, randomize=True, seed=0):
+    extra = dict(extra or {})
+    cfg = HydraLoraConfig(
+        r=4, lora_alpha=8, num_experts=extra.pop("num_experts", 3), task_type=TASK_TYPES[family],
+        target_modules=extra.pop("target_modules", TARGETS[family]), **extra,
+    )
+    base = make_model(family, seed)
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    if randomize:
+        randomize_adapters(model)
+    model.eval()
+    return base, model
+
+
+def out(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(params=TEST_CASES, ids=IDS)
+def case(request):
+    return request.param
+
+
+def test_is_a_peft_model_with_the_right_trainable_parameters(case):
+    family, extra = case
+    base, model = build(family, extra, randomize=False)
+    assert isinstance(model, PeftModel)
+    layers = hydralora.hydra_layers(model)
+    assert layers
+    n = model.peft_config["default"].num_experts
+    r = 4
+    expected = 0
+    for _, layer in layers:
+        k, d = layer.in_features, layer.out_features
+        router_in = k if model.peft_config["default"].router_input == "x" else r
+        expected += r * k + n * d * r + n * router_in
+    trainable, _ = model.get_nb_trainable_parameters()
+    extra_head = sum(p.numel() for n_, p in model.named_parameters() if p.requires_grad and "hydralora_" not in n_)
+    assert trainable - extra_head == expected
+
+
+def test_starts_equal_to_base_and_disable_adapter_gives_base(case):
+    family, extra = case
+    base, model = build(family, extra, randomize=False)
+    inputs = batch(family)
+    torch.testing.assert_close(out(model, inputs), out(base, inputs), rtol=0, atol=1e-6)
+    randomize_adapters(model)
+    assert not torch.allclose(out(model, inputs), out(base, inputs), atol=1e-4)
+    with model.disable_adapter():
+        torch.testing.assert_close(out(model, inputs), out(base, inputs), rtol=0, atol=0)
+
+
+def test_layer_delta_is_gate_weighted_sum_of_expert_deltas(case):
+    family, extra = case
+    _, model = build(family, extra)
+    for _, layer in hydralora.hydra_layers(model):
+        x = torch.randn(2, 5, layer.in_features)
+        base_y = layer.get_base_layer()(x)
+        with torch.no_grad():
+            delta = layer(x) - base_y  # (2, 5, d)
+        gate = layer.route(x)  # (2, 5, N)
+        W = layer.expert_delta_weights()  # (N, d, k)
+        expected = torch.einsum("btn,ndk,btk->btd", gate, W, x)
+        torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-5)
+        if extra.get("top_k"):
+            assert ((gate > 0).sum(-1) == extra["top_k"]).all()
+        torch.testing.assert_close(gate.sum(-1), torch.ones(gate.shape[:-1]))
+
+
+def test_save_load_roundtrip_gives_identical_outputs(case, tmp_path):
+    family, extra = case
+    base, model = build(family, extra)
+    inputs = batch(family)
+    expected = out(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "HYDRALORA"
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert isinstance(loaded.peft_config["default"], HydraLoraConfig)
+    torch.testing.assert_close(out(loaded, inputs), expected, rtol=0, atol=0)
+
+
+def test_merge_and_unload_equals_fixed_gate_model(case):
+    family, extra = case
+    _, model = build(family, extra)
+    inputs = batch(family)
+    n = model.peft_config["default"].num_experts
+    for gate in ("mean", 0, [float(i + 1) for i in range(n)]):
+        hydralora.set_routing(model, "fixed", gate)
+        expected = out(model, inputs)
+        merged = hydralora.merge_and_unload(copy.deepcopy(model), gate)
+        assert not hydralora.hydra_layers(merged)
+        torch.testing.assert_close(out(merged, inputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unload_gives_back_the_base_model(case):
+    family, extra = case
+    base, model = build(family, extra)
+    inputs = batch(family)
+    plain = model.unload()
+    assert not hydralora.hydra_layers(plain)
+    torch.testing.assert_close(out(plain, inputs), out(base, inputs), rtol=0, atol=0)
+
+
+EXPORT_CHECK = textwrap.dedent(
+    """
+    import sys, torch, peft
+    from peft import PeftModel
+    base = torch.load(sys.argv[1], weights_only=False)
+    inputs = torch.load(sys.argv[2])
+    model = PeftModel.from_pretrained(base, sys.argv[3]).eval()
+    assert "hydralora" not in sys.modules
+    assert type(model.peft_config["default"]).__name__ == "LoraConfig"
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, sys.argv[4])
+    """
+)
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("gpt2", {}), ("llama", {"init_b": "rlora"})])
+def test_export_loads_in_stock_peft_without_hydralora(family, extra, tmp_path):
+    base, model = build(family, extra)
+    inputs = batch(family)
+    hydralora.set_routing(model, "fixed", [0.2, 0.3, 0.5])
+    expected = out(model, inputs)
+    hydralora.export_lora(model, str(tmp_path / "lora"), [0.2, 0.3, 0.5])
+    torch.save(base, tmp_path / "base.pt")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    subprocess.run(
+        [sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "base.pt"), str(tmp_path / "inputs.pt"),
+         str(tmp_path / "lora"), str(tmp_path / "out.pt")],
+        check=True,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        hydralora.export_lora(model, str(tmp_path / "lora"), "mean")
+
+
+def test_one_expert_equals_stock_lora_outputs_and_gradients():
+    base = make_model("llama")
+    cfg = HydraLoraConfig(r=4, lora_alpha=8, num_experts=1, target_modules=["q_proj", "v_proj"])
+    hydra = get_peft_model(copy.deepcopy(base), cfg)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(hydra)
+    lora_layers = {n: m for n, m in lora.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    with torch.no_grad():
+        for name, layer in hydralora.hydra_layers(hydra):
+            lora_layers[name].lora_A["default"].weight.copy_(layer.hydralora_A["default"])
+            lora_layers[name].lora_B["default"].weight.copy_(layer.hydralora_B["default"][0])
+    inputs = batch("llama")
+    labels = inputs["input_ids"].clone()
+    lh = hydra(**inputs, labels=labels)
+    ll = lora(**inputs, labels=labels)
+    torch.testing.assert_close(lh.logits, ll.logits, rtol=1e-5, atol=1e-6)
+    lh.loss.backward()
+    ll.loss.backward()
+    for name, layer in hydralora.hydra_layers(hydra):
+        torch.testing.assert_close(layer.hydralora_A["default"].grad, lora_layers[name].lora_A["default"].weight.grad)
+        torch.testing.assert_close(layer.hydralora_B["default"].grad[0], lora_layers[name].lora_B["default"].weight.grad)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"router_input": "lora_a"}, {"top_k": 2}, {"init_b": "rlora"}, {"lora_dropout": 0.3, "expert_dropout": True}],
+    ids=["dense", "router-on-Ax", "top2", "rlora", "expert-dropout"],
+)
+def test_gradients_match_float64_reference(extra):
+    """gradcheck the stacked path (dropout masks fixed by reseeding inside the function)."""
+    _, model = build("llama", extra)
+    model = model.double().train()
+    name, layer = hydralora.hydra_layers(model)[0]
+    params = [layer.hydralora_A["default"], layer.hydralora_B["default"], layer.hydralora_router["default"]]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+
+    def f(x, A, B, W):
+        with torch.no_grad():
+            layer.hydralora_A["default"].data, layer.hydralora_B["default"].data = A.detach(), B.detach()
+        torch.manual_seed(0)
+        layer._recording = False
+        y0 = layer.get_base_layer()(x)
+        # route the differentiable inputs through the layer maths by swapping the parameter tensors
+        saved = dict(layer.hydralora_A), dict(layer.hydralora_B), dict(layer.hydralora_router)
+        layer.hydralora_A._parameters["default"] = A
+        layer.hydralora_B._parameters["default"] = B
+        layer.hydralora_router._parameters["default"] = W
+        try:
+            return layer.hydra_delta("default", x, y0)
+        finally:
+            layer.hydralora_A._parameters["default"] = saved[0]["default"]
+            layer.hydralora_B._parameters["default"] = saved[1]["default"]
+            layer.hydralora_router._parameters["default"] = saved[2]["default"]
+
+    inputs = (x,) + tuple(p.detach().clone().requires_grad_(True) for p in params)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_routing_modes_sequence_and_fixed():
+    _, model = build("llama")
+    inputs = batch("llama")
+    name, layer = hydralora.hydra_layers(model)[0]
+    hydralora.set_routing(model, "sequence")
+    assert hydralora.get_routing(model) == "sequence"
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    out(model, inputs)
+    handle.remove()
+    x = seen["x"]
+    hydralora.set_routing(model, "token")
+    token_gate = layer.route(x)  # (B, T, N)
+    mask = inputs["attention_mask"].bool()
+    expected = torch.stack([token_gate[b][mask[b]].mean(0) for b in range(2)])  # (B, N), padding excluded
+    hydralora.set_routing(model, "sequence")
+    layer._token_mask = mask
+    seq_gate = layer.route(x)
+    layer._token_mask = None
+    torch.testing.assert_close(seq_gate, expected.unsqueeze(1).expand_as(seq_gate))
+    hydralora.set_routing(model, "fixed", 1)
+    assert torch.equal(layer.route(x)[0, 0], torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="allowed are"):
+        hydralora.set_routing(model, "bogus")
+    with pytest.raises(ValueError, match="expert index must lie"):
+        hydralora.set_routing(model, "fixed", 7)
+    with pytest.raises(ValueError, match="num_experts=3"):
+        hydralora.set_routing(model, "fixed", [0.5, 0.5])
+
+
+def test_sequence_routing_reuses_the_prompt_gate_while_generating():
+    _, model = build("llama")
+    hydralora.set_routing(model, "sequence")
+    name, layer = hydralora.hydra_layers(model)[0]
+    gates = []
+    handle = layer.register_forward_hook(lambda m, a, o: gates.append(m._sequence_gate["default"].clone()))
+    inputs = batch("llama", pad=False)
+    model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    handle.remove()
+    assert len(gates) == 4
+    for g in gates[1:]:
+        torch.testing.assert_close(g, gates[0])
+
+
+def test_merge_under_token_routing_is_refused_with_the_fixed_gate_alternative():
+    _, model = build("llama")
+    with pytest.raises(ValueError, match="fixed gate"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="fixed gate"):
+        model.merge_adapter()
+
+
+def test_masked_experts_are_dropped_at_inference_only():
+    _, model = build("llama", {"masked_experts": [0]})
+    name, layer = hydralora.hydra_layers(model)[0]
+    x = torch.randn(2, 4, layer.in_features)
+    gate = layer.route(x)
+    assert (gate[..., 0] == 0).all()
+    torch.testing.assert_close(gate.sum(-1), torch.ones(2, 4))
+    layer.train()
+    assert (layer.route(x)[..., 0] > 0).all()
+
+
+def test_rlora_init_is_random_but_starts_equal_to_base():
+    base, model = build("llama", {"init_b": "rlora"}, randomize=False)
+    _, layer = hydralora.hydra_layers(model)[0]
+    assert layer.hydralora_B["default"].abs().sum() > 0
+    inputs = batch("llama")
+    torch.testing.assert_close(out(model, inputs), out(base, inputs), rtol=1e-5, atol=1e-6)
+
+
+def train_loss(model, inputs, checkpointing):
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.zero_grad()
+    res = model(**inputs, labels=inputs["input_ids"])
+    res.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return res.loss.detach(), hydralora.get_aux_loss(model), grads
+
+
+@pytest.mark.parametrize("kind", ["switch", "cv2"])
+def test_aux_loss_is_added_once_even_with_gradient_checkpointing(kind):
+    _, plain = build("llama", {"balance_loss": kind, "balance_loss_coef": 0.5})
+    inputs = batch("llama")
+    loss, aux, grads = train_loss(plain, inputs, checkpointing=False)
+    assert aux is not None and aux.item() > 0
+    _, no_aux = build("llama", {"balance_loss": kind, "balance_loss_coef": 0.0})
+    lm_loss, none_aux, _ = train_loss(no_aux, inputs, checkpointing=False)
+    assert none_aux is None
+    torch.testing.assert_close(loss, lm_loss + 0.5 * aux.detach())
+    _, ckpt = build("llama", {"balance_loss": kind, "balance_loss_coef": 0.5})
+    loss_c, aux_c, grads_c = train_loss(ckpt, inputs, checkpointing=True)
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(aux_c, aux)
+    for name, g in grads.items():
+        if "hydralora_router" in name:
+            torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_expert_usage_statistics():
+    _, model = build("llama")
+    hydralora.expert_usage(model, reset=True)
+    out(model, batch("llama"))
+    usage = hydralora.expert_usage(model)
+    assert len(usage) == len(hydralora.hydra_layers(model))
+    for u in usage.values():
+        torch.testing.assert_close(u.sum(), torch.tensor(1.0))
+
+
+def test_trainer_steps_lower_the_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    _, model = build("llama", {"balance_loss_coef": 0.01}, randomize=False)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 20, (12,), generator=gen).tolist()} for _ in range(8)]
+    data = Dataset.from_list([{**r, "labels": r["input_ids"]} for r in rows])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=25, learning_rate=2e-2, per_device_train_batch_size=4, logging_steps=5,
+        report_to=[], use_cpu=True, save_strategy="no", seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert result.training_loss > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"r": 0}, "r"),
+        ({"lora_alpha": -1}, "lora_alpha"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"num_experts": 0}, "num_experts"),
+        ({"num_experts": "many"}, "num_experts"),
+        ({"router_input": "y"}, "router_input"),
+        ({"router_temperature": 0}, "router_temperature"),
+        ({"top_k": 5, "num_experts": 3}, "top_k"),
+        ({"balance_loss": "l2"}, "balance_loss"),
+        ({"balance_loss_coef": -0.1}, "balance_loss_coef"),
+        ({"init_b": "ones"}, "init_b"),
+        ({"masked_experts": [3], "num_experts": 3}, "masked_experts"),
+        ({"masked_experts": [0, 1], "num_experts": 2}, "masked_experts"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"HydraLoraConfig\.{field}="):
+        HydraLoraConfig(**kwargs)
+
+
+def test_bad_target_modules_list_the_names_the_model_has():
+    base = make_model("llama")
+    with pytest.raises(ValueError, match=r"matched no module.*q_proj.*v_proj"):
+        get_peft_model(base, HydraLoraConfig(target_modules=["query_key_value"]))
+
+
+def test_auto_num_experts_must_be_resolved_first():
+    cfg = HydraLoraConfig(num_experts="auto", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="auto"):
+        get_peft_model(make_model("llama"), cfg)
+    cfg.resolve_num_experts(2, {"method": "test"})
+    model = get_peft_model(make_model("llama"), cfg)
+    assert model.peft_config["default"].num_experts == 2
+
+
+def test_auto_peft_model_loads_from_a_saved_folder(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    base, model = build("llama")
+    base.save_pretrained(tmp_path / "base")
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    inputs = batch("llama")
+    torch.testing.assert_close(out(loaded, inputs), out(model, inputs), rtol=1e-6, atol=1e-6)
