@@ -25,6 +25,7 @@ TEST_CASES = [
     ("llama", {"router_input": "lora_a", "num_experts": 4}),
     ("llama", {"top_k": 2}),
     ("llama", {"init_b": "rlora"}),
+    ("llama", {"shared_a": False, "router_input": "lora_a"}),
     ("gpt2", {}),
     ("bert", {}),
     ("qwen2", {"num_experts": 2, "router_temperature": 0.5}),
@@ -67,8 +68,9 @@ def test_is_a_peft_model_with_the_right_trainable_parameters(case):
     expected = 0
     for _, layer in layers:
         k, d = layer.in_features, layer.out_features
-        router_in = k if model.peft_config["default"].router_input == "x" else r
-        expected += r * k + n * d * r + n * router_in
+        a_rows = r if model.peft_config["default"].shared_a else n * r
+        router_in = k if model.peft_config["default"].router_input == "x" else a_rows
+        expected += a_rows * k + n * d * r + n * router_in
     trainable, _ = model.get_nb_trainable_parameters()
     extra_head = sum(p.numel() for n_, p in model.named_parameters() if p.requires_grad and "hydralora_" not in n_)
     assert trainable - extra_head == expected
@@ -152,7 +154,9 @@ EXPORT_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("family,extra", [("llama", {}), ("gpt2", {}), ("llama", {"init_b": "rlora"})])
+@pytest.mark.parametrize(
+    "family,extra", [("llama", {}), ("gpt2", {}), ("llama", {"init_b": "rlora"}), ("llama", {"shared_a": False})]
+)
 def test_export_loads_in_stock_peft_without_hydralora(family, extra, tmp_path):
     base, model = build(family, extra)
     inputs = batch(family)
@@ -196,8 +200,9 @@ def test_one_expert_equals_stock_lora_outputs_and_gradients():
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"router_input": "lora_a"}, {"top_k": 2}, {"init_b": "rlora"}, {"lora_dropout": 0.3, "expert_dropout": True}],
-    ids=["dense", "router-on-Ax", "top2", "rlora", "expert-dropout"],
+    [{}, {"router_input": "lora_a"}, {"top_k": 2}, {"init_b": "rlora"}, {"lora_dropout": 0.3, "expert_dropout": True},
+     {"shared_a": False}],
+    ids=["dense", "router-on-Ax", "top2", "rlora", "expert-dropout", "lora-moe"],
 )
 def test_gradients_match_float64_reference(extra):
     """gradcheck the stacked path (dropout masks fixed by reseeding inside the function)."""
@@ -375,6 +380,7 @@ def test_trainer_steps_lower_the_loss(tmp_path):
         ({"balance_loss": "l2"}, "balance_loss"),
         ({"balance_loss_coef": -0.1}, "balance_loss_coef"),
         ({"init_b": "ones"}, "init_b"),
+        ({"shared_a": False, "init_b": "rlora"}, "shared_a"),
         ({"masked_experts": [3], "num_experts": 3}, "masked_experts"),
         ({"masked_experts": [0, 1], "num_experts": 2}, "masked_experts"),
     ],

@@ -60,6 +60,10 @@ class HydraLoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list (e.g. 'layers') used with layers_to_transform."}
     )
+    shared_a: bool = field(
+        default=True,
+        metadata={"help": "True: one A shared by all experts (HydraLoRA). False: N separate A_i (the paper's 'w/o hydra' ablation, LoRA-MoE)."},
+    )
     router_input: str = field(
         default="x",
         metadata={"help": "What the router W_g reads: 'x' (the layer input, as the authors' code) or 'lora_a' (A x, as the paper's text)."},
@@ -152,6 +156,8 @@ class HydraLoraConfig(PeftConfig):
                 _fail("masked_experts", self.masked_experts, f"indices must lie in [0, {self.num_experts - 1}]")
             if len(set(masked)) >= self.num_experts:
                 _fail("masked_experts", self.masked_experts, "must leave at least one expert unmasked")
+        if not self.shared_a and (self.init_b != "zeros" or self.expert_dropout):
+            _fail("shared_a", self.shared_a, "init_b='rlora' and expert_dropout need the shared A (shared_a=True)")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             _fail("layers_to_transform", self.layers_to_transform, "cannot be used when target_modules is a regex string")
         self.masked_experts = masked

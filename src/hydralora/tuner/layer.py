@@ -60,7 +60,7 @@ class HydraLoraLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.num_experts: dict[str, int] = {}
         self.hconfig: dict[str, HydraLoraConfig] = {}
-        self.hydralora_A = nn.ParameterDict({})  # (r, k)
+        self.hydralora_A = nn.ParameterDict({})  # (r, k); (N*r, k) for the LoRA-MoE ablation
         self.hydralora_B = nn.ParameterDict({})  # (N, d, r): one stacked tensor for all experts
         self.hydralora_router = nn.ParameterDict({})  # (N, k) or (N, r)
         # R-LoRA: frozen copies of the initial A and B, subtracted so the model starts equal to the base.
@@ -107,8 +107,9 @@ class HydraLoraLayer(BaseTunerLayer):
         self.hconfig[adapter_name] = config
         p = config.lora_dropout
         self.hydralora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
-        router_in = self.in_features if config.router_input == "x" else r
-        self.hydralora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        a_rows = r if config.shared_a else n * r  # LoRA-MoE ablation: N separate A_i stacked along the rank
+        router_in = self.in_features if config.router_input == "x" else a_rows
+        self.hydralora_A[adapter_name] = nn.Parameter(torch.empty(a_rows, self.in_features))
         self.hydralora_B[adapter_name] = nn.Parameter(torch.empty(n, self.out_features, r))
         self.hydralora_router[adapter_name] = nn.Parameter(torch.empty(n, router_in))
         self.reset_parameters(adapter_name)
@@ -206,6 +207,8 @@ class HydraLoraLayer(BaseTunerLayer):
         """(alpha / r) B_i A for every expert: (N, out_features, in_features), net of any R-LoRA init offset."""
         name = adapter_name or self.active_adapters[0]
         A, B = self.hydralora_A[name], self.hydralora_B[name]
+        if not self.hconfig[name].shared_a:
+            return torch.einsum("ndr,nrk->ndk", B, A.view(B.shape[0], B.shape[2], -1)) * self.scaling[name]
         delta = torch.einsum("ndr,rk->ndk", B, A)  # (N, d, k)
         offset = self._init_offset(name)
         if offset is not None:
@@ -216,10 +219,14 @@ class HydraLoraLayer(BaseTunerLayer):
     def fixed_gate_factors(self, adapter_name: str, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For a fixed gate, the update as an ordinary LoRA pair (A', B') with B' A' = sum_i w_i B_i A (unscaled).
 
-        Rank r, or 2r when an R-LoRA init offset is present ([A; A0], [sum w B, -sum w B0]).
+        Rank r, or 2r when an R-LoRA init offset is present ([A; A0], [sum w B, -sum w B0]), or N*r for the
+        LoRA-MoE ablation ([A_1; ...; A_N], [w_1 B_1, ..., w_N B_N]).
         """
         A, B = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name]
         w = self._finish_gate(adapter_name, gate.to(device=B.device, dtype=torch.float32)).to(B.dtype)  # (N,)
+        if not self.hconfig[adapter_name].shared_a:
+            n, d, r = B.shape
+            return A, (w[:, None, None] * B).permute(1, 0, 2).reshape(d, n * r)  # (N*r, k), (d, N*r)
         B_eff = torch.einsum("n,ndr->dr", w, B)  # (d, r)
         offset = self._init_offset(adapter_name)
         if offset is None:
@@ -247,7 +254,7 @@ class HydraLoraLayer(BaseTunerLayer):
         cfg = self.hconfig[adapter_name]
         W_g = self.hydralora_router[adapter_name]
         drop = self.hydralora_dropout[adapter_name]
-        n, m, r = W_g.shape[0], A.shape[0], self.r[adapter_name]
+        n, m, r = W_g.shape[0], A.shape[0], self.hydralora_A[adapter_name].shape[0]  # r: rows of A proper
         dropout_active = self.training and not isinstance(drop, nn.Identity)
         if cfg.router_input == "x" and not dropout_active:
             # One GEMM for A and the router: both read the same x.
@@ -305,6 +312,8 @@ class HydraLoraLayer(BaseTunerLayer):
         gate = self._gate(adapter_name, logits, x)  # (..., N) fp32
         self._record(adapter_name, logits, gate, x)
         gs = (gate * self.scaling[adapter_name]).to(h.dtype)  # (..., N): scaling folded into the gate
+        if not self.hconfig[adapter_name].shared_a:
+            h = h.reshape(*h.shape[:-1], n, r)  # (..., N, r): expert i reads its own A_i x
         hn = h.unsqueeze(-2) if h.dim() == gs.dim() else h  # (..., 1|N, m)
         z = gs.unsqueeze(-1) * hn[..., :r]  # (..., N, r)
         z = z.reshape(*z.shape[:-2], n * r)  # (..., N*r)
