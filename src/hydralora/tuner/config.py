@@ -91,6 +91,14 @@ class HydraLoraConfig(PeftConfig):
         default_factory=list,
         metadata={"help": "Expert indices dropped at inference, the gate renormalised over the rest (LoPE)."},
     )
+    routing: str = field(
+        default="token",
+        metadata={"help": "Routing mode the adapter starts in when built or loaded: 'token', 'sequence' or 'fixed' (uses fixed_gate)."},
+    )
+    fixed_gate: Optional[Union[str, int, list[float]]] = field(
+        default=None,
+        metadata={"help": "Gate for routing='fixed': 'mean' (uniform, the 'w/o gate' ablation), an expert index, or N weights."},
+    )
     track_usage: bool = field(default=True, metadata={"help": "Accumulate per-layer expert usage statistics while running."})
     auto_n: Optional[dict] = field(
         default=None, metadata={"help": "Record of how num_experts was chosen from the corpus (method, scores per K)."}
@@ -135,6 +143,10 @@ class HydraLoraConfig(PeftConfig):
                 _fail("top_k", self.top_k, "must be None or an integer >= 1")
             if self.resolved and self.top_k > self.num_experts:
                 _fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
+        if self.routing not in ("token", "sequence", "fixed"):
+            _fail("routing", self.routing, "allowed values are ('token', 'sequence', 'fixed')")
+        if self.routing == "fixed" and self.fixed_gate is None:
+            _fail("fixed_gate", self.fixed_gate, "routing='fixed' needs a gate: 'mean', an expert index or N weights")
         if self.balance_loss not in BALANCE_LOSSES:
             _fail("balance_loss", self.balance_loss, f"allowed values are {BALANCE_LOSSES}")
         if not isinstance(self.balance_loss_coef, (int, float)) or not (

@@ -114,6 +114,8 @@ class HydraLoraLayer(BaseTunerLayer):
         self.hydralora_router[adapter_name] = nn.Parameter(torch.empty(n, router_in))
         self.reset_parameters(adapter_name)
         self.last_aux_loss[adapter_name] = None
+        self.routing_mode = config.routing
+        self.fixed_gate = validate_gate(config.fixed_gate, n) if config.routing == "fixed" else None
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

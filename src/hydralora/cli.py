@@ -1,0 +1,181 @@
+"""The `hydralora` command line: train, eval, export, analyze, data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="Fine-tune with HydraLoRA (no arguments: the default recipe on the packaged SmolLM2).")
+    p.add_argument("--config", help="YAML file whose keys are TrainConfig / HydraLoraConfig field names.")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--method")
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="Continue from the last checkpoint in --output-dir.")
+    p.add_argument("--skip-bad-rows", dest="skip_bad_rows", action="store_true", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any config field, e.g. --set r=16.")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .recipes.config import build_spec
+    from .recipes.train import run_train
+
+    overrides = {k: getattr(args, k) for k in ("output_dir", "max_steps", "method", "model", "data", "seed", "resume", "skip_bad_rows")}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE.")
+        key, value = item.split("=", 1)
+        overrides[key.strip().replace("-", "_")] = value
+    run_train(build_spec(overrides, args.config))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="Held-out accuracy of an adapter (and of its base model).")
+    p.add_argument("--adapter", required=True, help="Adapter folder (a run's adapter/ or any saved HydraLoRA/LoRA adapter).")
+    p.add_argument("--data", help="Data file; default: the test split of the run's data.")
+    p.add_argument("--out", help="Write the JSON result here.")
+    p.add_argument("--model", help="Base model; default: the run's model or the adapter's base_model_name_or_path.")
+    p.add_argument("--routing", choices=("token", "sequence", "fixed"), default="token")
+    p.add_argument("--gate", default="mean", help="Gate for --routing fixed: mean | usage | INDEX | w1,w2,...")
+    p.add_argument("--max-per-task", type=int, default=0, help="Cap held-out examples per task (0: all).")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-base", action="store_true", help="Skip the base model's score.")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_eval)
+
+
+def parse_gate(text: str):
+    text = str(text).strip()
+    if text in ("mean", "usage"):
+        return text
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--gate {text!r} is invalid: allowed are mean, usage, an expert index or comma-separated weights.") from None
+
+
+def _load_adapter(adapter: str, model_name: Optional[str], device: str):
+    """(PeftModel, tokenizer, run record) for a saved adapter folder."""
+    import peft
+
+    from .models import load_model_and_tokenizer
+    from .recipes.train import RUN_FILE, pick_device
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter {adapter}: no adapter_config.json there.")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ValueError(f"--adapter {adapter}: no adapter_model.safetensors there (adapters load only from safetensors).")
+    run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    name = model_name or run.get("model") or cfg.get("base_model_name_or_path") or "smollm2"
+    device = pick_device(device)
+    base, tok = load_model_and_tokenizer(name, dtype=None, device=device)
+    model = peft.PeftModel.from_pretrained(base, str(path)).eval()
+    return model, tok, run, device
+
+
+def _run_eval(args) -> int:
+    from . import hydra_layers, set_routing
+    from .data.formats import load_examples
+    from .eval.scoring import evaluate, format_table
+    from .recipes.train import cap_per_task, resolve_data_path, split_examples
+
+    model, tok, run, device = _load_adapter(args.adapter, args.model, args.device)
+    use_chat = bool(run.get("use_chat_template", False))
+    if args.data:
+        examples = list(load_examples(args.data, tokenizer=tok))
+        if any(e.split == "test" for e in examples):
+            examples = [e for e in examples if e.split == "test"]
+    else:
+        data = resolve_data_path(run.get("data", "bundled"))
+        _, examples = split_examples(list(load_examples(data, tokenizer=tok)), int(run.get("seed", 42)))
+    examples = cap_per_task(examples, args.max_per_task)
+    kw = {"batch_size": args.batch_size, "max_new_tokens": int(run.get("max_new_tokens", 24)), "device": device,
+          "use_chat_template": use_chat}
+    result = {"adapter": args.adapter, "routing": args.routing}
+    if not args.no_base:
+        with model.disable_adapter():
+            result["base"] = evaluate(model, tok, examples, **kw)
+    if hydra_layers(model):
+        set_routing(model, args.routing, parse_gate(args.gate) if args.routing == "fixed" else None)
+    result["adapted"] = evaluate(model, tok, examples, **kw)
+    result["per_task"] = result["adapted"]["per_task"]
+    result["mean"] = result["adapted"]["mean_accuracy"]
+    print(format_table(result["adapted"], baseline=result.get("base")))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="Write a stock PEFT LoRA adapter (or, with --merge, a merged model) for a fixed gate.")
+    p.add_argument("adapter_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--gate", default="mean", help="mean | usage | INDEX | w1,w2,...")
+    p.add_argument("--merge", action="store_true", help="Write a full model folder with the update merged in.")
+    p.add_argument("--model", help="Base model (default: from the adapter).")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from . import export_lora, merge_and_unload
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another OUT_DIR.")
+    model, tok, _, _ = _load_adapter(args.adapter_dir, args.model, "cpu")
+    gate = parse_gate(args.gate)
+    if args.merge:
+        merged = merge_and_unload(model, gate)
+        merged.save_pretrained(out)
+        tok.save_pretrained(out)
+        print(f"merged model written to {out}")
+    else:
+        export_lora(model, str(out), gate, overwrite=args.overwrite)
+        print(f"stock PEFT LoRA adapter written to {out} (loads with peft.PeftModel.from_pretrained, no hydralora needed)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hydralora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    from .clustering.cli import add_analyze_parser
+    from .data.cli import add_data_parser
+
+    add_analyze_parser(sub)
+    add_data_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The training recipe's configuration: one flat YAML whose keys are TrainConfig or HydraLoraConfig field names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+import yaml
+
+from ..tuner.config import HydraLoraConfig
+
+METHODS = ("hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe")
+SCHEDULES = ("auto", "cpu", "gpu")
+# Adapter fields a YAML may set (HydraLoraConfig's own; "lora" uses the LoRA subset r/lora_alpha/lora_dropout/...).
+ADAPTER_FIELDS = tuple(
+    f.name for f in fields(HydraLoraConfig)
+    if f.name not in {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "task_type"}
+)
+# Per schedule: values used for the fields the user left unset (None).
+SCHEDULE_DEFAULTS = {
+    "cpu": {"max_steps": 80, "eval_max_per_task": 20, "per_device_batch_size": 8, "max_seq_length": 192},
+    "gpu": {"max_steps": 600, "eval_max_per_task": 100, "per_device_batch_size": 16, "max_seq_length": 512},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `hydralora train` needs besides the adapter fields (which are HydraLoraConfig's)."""
+
+    model: str = field(default="smollm2", metadata={"help": "'smollm2' (packaged SmolLM2-135M-Instruct), a local HF folder, or a hub id."})
+    data: str = field(default="bundled", metadata={"help": "'bundled' (BIG-bench mixture shipped with the package) or a data file/folder."})
+    eval_data: Optional[str] = field(default=None, metadata={"help": "Held-out data; None = the 'test' split of `data`."})
+    method: str = field(default="hydralora", metadata={"help": f"One of {METHODS}."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Run directory; None = runs/<method>-<time>. Never overwritten unless resume."})
+    schedule: str = field(default="auto", metadata={"help": "'cpu' (<= 10 min on 2 cores), 'gpu' (full), or 'auto' (by device)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    per_device_batch_size: Optional[int] = field(default=None, metadata={"help": "Batch size per device (None: schedule)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (None: schedule)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear warm-up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
+    max_seq_length: Optional[int] = field(default=None, metadata={"help": "Tokens per example; the prompt is cut from the left."})
+    seed: int = field(default=42, metadata={"help": "Seed for init, data order and dropout."})
+    logging_steps: int = field(default=5, metadata={"help": "Log every N steps (TensorBoard + log_history)."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume with --resume)."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
+    bf16: Union[bool, str] = field(default="auto", metadata={"help": "bf16 training: true/false/'auto' (on CUDA with bf16 support)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Non-reentrant activation checkpointing."})
+    use_chat_template: bool = field(default=False, metadata={"help": "Render prompts with the tokenizer's chat template."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip malformed data rows (counted) instead of failing."})
+    auto_n_method: Optional[str] = field(default=None, metadata={"help": "Method for num_experts='auto' (None: clustering default)."})
+    auto_n_k_max: int = field(default=10, metadata={"help": "Largest K tried for num_experts='auto'."})
+    eval_max_per_task: Optional[int] = field(default=None, metadata={"help": "Held-out examples per task (None: schedule; 0: all)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size for evaluation."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Generation budget for generative tasks."})
+    eval_routing: str = field(default="token", metadata={"help": "Routing for evaluation: token | sequence | fixed."})
+    eval_base: bool = field(default=True, metadata={"help": "Also evaluate the base model (adapter disabled)."})
+    report: bool = field(default=True, metadata={"help": "Write report.md with plots."})
+    device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda'."})
+
+
+@dataclass
+class RunSpec:
+    """A resolved recipe: training fields plus the adapter fields for the method."""
+
+    train: TrainConfig
+    adapter: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.train), **self.adapter}
+
+
+DEFAULT_ADAPTER = {
+    "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "num_experts": "auto", "target_modules": "all-linear",
+    "balance_loss_coef": 0.0,
+}
+
+
+def _coerce(name: str, value: Any, current: Any) -> Any:
+    """Command-line override strings -> the type of the field's current value."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(current, bool) or name in {"resume", "gradient_checkpointing", "use_chat_template", "skip_bad_rows", "report", "eval_base", "expert_dropout", "shared_a", "track_usage"}:
+        if value.lower() in {"true", "1", "yes"}:
+            return True
+        if value.lower() in {"false", "0", "no"}:
+            return False
+        if name == "bf16" and value == "auto":
+            return value
+        raise ValueError(f"{name}={value!r} is invalid: expected true or false.")
+    parsed = yaml.safe_load(value)
+    return parsed
+
+
+def build_spec(overrides: Optional[dict[str, Any]] = None, config_file: Optional[str] = None) -> RunSpec:
+    """Defaults <- YAML file <- command-line overrides. Unknown keys raise naming the key and what is allowed."""
+    values: dict[str, Any] = {}
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ValueError(f"--config {config_file!r}: no such file.")
+        with open(config_file) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of field names to values, got {type(loaded).__name__}.")
+        values.update(loaded)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    train_names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - train_names - set(ADAPTER_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown}{' in ' + config_file if config_file else ''}: allowed are the "
+            f"TrainConfig fields {sorted(train_names)} and the HydraLoraConfig fields {sorted(ADAPTER_FIELDS)}."
+        )
+    defaults = TrainConfig()
+    train_kwargs = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items() if k in train_names}
+    train = TrainConfig(**train_kwargs)
+    adapter = dict(DEFAULT_ADAPTER)
+    adapter.update({k: _coerce(k, v, adapter.get(k)) for k, v in values.items() if k in ADAPTER_FIELDS})
+    validate(train)
+    return RunSpec(train=train, adapter=adapter)
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"method={cfg.method!r} is invalid: allowed are {METHODS}.")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule={cfg.schedule!r} is invalid: allowed are {SCHEDULES}.")
+    if cfg.eval_routing not in ("token", "sequence", "fixed"):
+        raise ValueError(f"eval_routing={cfg.eval_routing!r} is invalid: allowed are token, sequence, fixed.")
+    for name in ("max_steps", "per_device_batch_size", "max_seq_length"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1.")
+    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0):
+        raise ValueError(f"learning_rate={cfg.learning_rate!r} is invalid: must be a number > 0.")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={cfg.device!r} is invalid: allowed are auto, cpu, cuda.")
+
+
+def apply_schedule(cfg: TrainConfig, on_gpu: bool) -> str:
+    """Fill the fields left unset from the CPU or GPU schedule; returns the schedule used."""
+    schedule = cfg.schedule if cfg.schedule != "auto" else ("gpu" if on_gpu else "cpu")
+    for key, value in SCHEDULE_DEFAULTS[schedule].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    return schedule

@@ -1,0 +1,274 @@
+"""`hydralora train`: find N, fine-tune with transformers' Trainer, evaluate base vs adapted, write a run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+
+from .. import expert_usage, get_aux_loss, set_routing
+from ..data.collate import SFTCollator, SFTDataset, render_prompt
+from ..data.formats import Example, load_examples
+from .config import RunSpec, apply_schedule
+from .methods import build_model, is_hydra, uses_router
+
+RUN_FILE = "hydralora_run.json"
+
+
+class HydraTrainer(Trainer):
+    """Trainer that also logs the router's balance loss (before its coefficient) next to the loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._aux_sum, self._aux_n = 0.0, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        aux = get_aux_loss(model)
+        if aux is not None:
+            self._aux_sum += float(aux.detach())
+            self._aux_n += 1
+        return result
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._aux_n and "loss" in logs:
+            logs["aux_loss"] = round(self._aux_sum / self._aux_n, 6)
+            self._aux_sum, self._aux_n = 0.0, 0
+        super().log(logs, *args, **kwargs)
+
+
+def resolve_data_path(data: str) -> str:
+    if data == "bundled":
+        from ..data import bundled_mixture_path
+
+        return str(bundled_mixture_path())
+    return data
+
+
+def split_examples(examples: list[Example], seed: int, holdout: float = 0.1) -> tuple[list[Example], list[Example]]:
+    """Train and held-out examples: the data's own split field, else a seeded per-task hold-out."""
+    splits = {e.split for e in examples}
+    if splits - {None}:
+        test_name = "test" if "test" in splits else "validation"
+        train = [e for e in examples if e.split in ("train", None)]
+        test = [e for e in examples if e.split == test_name]
+        if not train or not test:
+            raise ValueError(f"data needs 'train' and 'test' (or 'validation') rows in its split field; found {sorted(s for s in splits if s)}.")
+        return train, test
+    by_task: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        by_task[e.task].append(e)
+    rng = random.Random(seed)
+    train, test = [], []
+    for task in sorted(by_task):
+        rows = list(by_task[task])
+        rng.shuffle(rows)
+        n_test = max(1, min(50, int(len(rows) * holdout)))
+        test += rows[:n_test]
+        train += rows[n_test:]
+    return train, test
+
+
+def cap_per_task(examples: list[Example], cap: Optional[int]) -> list[Example]:
+    if not cap:
+        return examples
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for e in examples:
+        if seen[e.task] < cap:
+            out.append(e)
+            seen[e.task] += 1
+    return out
+
+
+def prepare_output_dir(path: Optional[str], method: str, resume: bool) -> Path:
+    if path is None:
+        path = os.path.join("runs", f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(
+            f"output_dir {out} exists and is not empty: choose another --output-dir, or pass --resume to continue it "
+            "(nothing there is overwritten otherwise)."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'.")
+    return name
+
+
+def find_num_experts(train: list[Example], spec: RunSpec, out: Path) -> Optional[dict]:
+    """Resolve num_experts='auto' from the training prompts; writes analysis.json (+ elbow.png) to the run dir."""
+    if spec.adapter.get("num_experts") != "auto" or not is_hydra(spec.train.method):
+        return None
+    from ..clustering import resolve_num_experts
+
+    kwargs: dict[str, Any] = {"seed": spec.train.seed, "k_range": range(2, spec.train.auto_n_k_max + 1)}
+    if spec.train.auto_n_method:
+        kwargs["method"] = spec.train.auto_n_method
+    texts = [e.prompt for e in train]
+    k, record = resolve_num_experts(texts, **kwargs)
+    spec.adapter["num_experts"] = int(k)
+    spec.adapter["auto_n"] = record
+    (out / "analysis.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def routing_by_task(model, tokenizer, examples: list[Example], spec: RunSpec, device: str, groups: int = 3) -> dict:
+    """Mean router weight per expert, per task, per layer group (early/middle/late): {task: {group: [N]}}."""
+    from ..routing import hydra_layers
+
+    names = [n for n, _ in hydra_layers(model)]
+    layer_ids = sorted({_layer_index(n) for n in names})
+    out: dict[str, dict[str, list[float]]] = {}
+    model.eval()
+    by_task: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        by_task[e.task].append(e)
+    for task, rows in sorted(by_task.items()):
+        expert_usage(model, reset=True)
+        texts = [render_prompt(e, tokenizer, spec.train.use_chat_template) for e in rows]
+        for i in range(0, len(texts), spec.train.eval_batch_size):
+            enc = tokenizer(texts[i : i + spec.train.eval_batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=spec.train.max_seq_length).to(device)
+            with torch.no_grad():
+                model(**enc)
+        usage = expert_usage(model, reset=True)
+        grouped: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for name, u in usage.items():
+            idx = _layer_index(name)
+            g = min(groups - 1, layer_ids.index(idx) * groups // max(1, len(layer_ids))) if idx in layer_ids else 0
+            grouped[("early", "middle", "late")[g] if groups == 3 else str(g)].append(u)
+        out[task] = {g: torch.stack(v).mean(0).tolist() for g, v in grouped.items()}
+    return out
+
+
+def _layer_index(name: str) -> int:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "h", "layer", "blocks") and b.isdigit():
+            return int(b)
+    return -1
+
+
+def run_train(spec: RunSpec) -> dict:
+    """The whole recipe; returns metrics (also written to <output_dir>/metrics.json)."""
+    from ..eval.scoring import evaluate, format_table
+    from ..models import load_model_and_tokenizer, resolve_model_path
+
+    cfg = spec.train
+    t_start = time.time()
+    device = pick_device(cfg.device)
+    schedule = apply_schedule(cfg, on_gpu=device == "cuda")
+    out = prepare_output_dir(cfg.output_dir, cfg.method, cfg.resume)
+    print(f"[hydralora] schedule: {schedule} ({'a short CPU schedule' if schedule == 'cpu' else 'the full GPU schedule'}); "
+          f"method={cfg.method}, max_steps={cfg.max_steps}, batch={cfg.per_device_batch_size}, run dir {out}")
+    set_seed(cfg.seed)
+    use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, device=device)
+    data_path = resolve_data_path(cfg.data)
+    loaded = load_examples(data_path, tokenizer=tokenizer, skip_bad_rows=cfg.skip_bad_rows)
+    if loaded.skipped:
+        print(f"[hydralora] skipped {loaded.skipped} bad rows of {data_path}")
+    train_ex, test_ex = split_examples(list(loaded), cfg.seed)
+    if cfg.eval_data:
+        test_ex = list(load_examples(cfg.eval_data, tokenizer=tokenizer, skip_bad_rows=cfg.skip_bad_rows))
+    test_ex = cap_per_task(test_ex, cfg.eval_max_per_task)
+    print(f"[hydralora] data: {len(train_ex)} training examples, {len(test_ex)} held-out, tasks {sorted({e.task for e in train_ex})}")
+
+    auto_n = find_num_experts(train_ex, spec, out)
+    if auto_n is not None:
+        print(f"[hydralora] num_experts='auto' -> N={spec.adapter['num_experts']} ({auto_n.get('method')})")
+    set_seed(cfg.seed)
+    model = build_model(model, cfg.method, spec.adapter)
+    model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"[hydralora] trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    metrics: dict[str, Any] = {
+        "method": cfg.method, "schedule": schedule, "device": device, "model": cfg.model, "data": data_path,
+        "num_experts": spec.adapter.get("num_experts") if is_hydra(cfg.method) else None, "auto_n": auto_n,
+        "trainable_params": trainable, "total_params": total, "seed": cfg.seed,
+    }
+    eval_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens, "device": device,
+               "use_chat_template": cfg.use_chat_template}
+    if cfg.eval_base:
+        t = time.time()
+        with model.disable_adapter():
+            metrics["base"] = evaluate(model, tokenizer, test_ex, **eval_kw)
+        metrics["base_eval_seconds"] = time.time() - t
+        print(f"[hydralora] base model held-out mean accuracy {metrics['base']['mean_accuracy']:.3f}")
+
+    train_ds = SFTDataset(train_ex, tokenizer, max_length=cfg.max_seq_length, use_chat_template=cfg.use_chat_template)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, report_to=[], bf16=use_bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, use_cpu=device == "cpu",
+        dataloader_num_workers=0, disable_tqdm=False,
+    )
+    collator = SFTCollator(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None)
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
+    trainer = HydraTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[tensorboard])
+    resume = None
+    if cfg.resume:
+        ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        resume = str(ckpts[-1]) if ckpts else None
+        print(f"[hydralora] resuming from {resume}" if resume else "[hydralora] --resume: no checkpoint yet, starting fresh")
+    t = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.time() - t
+    tokens = sum(len(f["input_ids"]) for f in train_ds.features)
+    seen = min(1.0, cfg.max_steps * cfg.per_device_batch_size * cfg.gradient_accumulation_steps / max(1, len(train_ds)))
+    metrics.update(train_seconds=train_seconds, train_loss=result.training_loss,
+                   train_tokens_per_s=tokens * seen / max(train_seconds, 1e-9) if not resume else None,
+                   log_history=trainer.state.log_history)
+
+    adapter_dir = out / "adapter"
+    model.save_pretrained(adapter_dir)
+    (adapter_dir / RUN_FILE).write_text(json.dumps(spec.to_dict() | {"schedule": schedule}, indent=1, default=str))
+    (out / "config.json").write_text(json.dumps(spec.to_dict(), indent=1, default=str))
+
+    model.eval()
+    if is_hydra(cfg.method) and uses_router(cfg.method) and cfg.eval_routing != "token":
+        set_routing(model, cfg.eval_routing, "mean" if cfg.eval_routing == "fixed" else None)
+    t = time.time()
+    metrics["adapted"] = evaluate(model, tokenizer, test_ex, **eval_kw)
+    metrics["adapted_eval_seconds"] = time.time() - t
+    metrics["eval_routing"] = cfg.eval_routing
+    if "base" in metrics:
+        metrics["mean_gain"] = metrics["adapted"]["mean_accuracy"] - metrics["base"]["mean_accuracy"]
+    if is_hydra(cfg.method) and uses_router(cfg.method):
+        set_routing(model, "token")
+        metrics["routing_by_task"] = routing_by_task(model, tokenizer, test_ex, spec, device)
+    metrics["total_seconds"] = time.time() - t_start
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    print(format_table(metrics["adapted"], baseline=metrics.get("base")))
+    if "mean_gain" in metrics:
+        print(f"[hydralora] held-out mean accuracy: base {metrics['base']['mean_accuracy']:.3f} -> adapted "
+              f"{metrics['adapted']['mean_accuracy']:.3f} ({metrics['mean_gain']:+.3f})")
+    if cfg.report:
+        from .report import write_report
+
+        path = write_report(out, metrics, spec)
+        print(f"[hydralora] report: {path}")
+    print(f"[hydralora] done in {metrics['total_seconds']:.0f} s; adapter in {adapter_dir}")
+    return metrics
+

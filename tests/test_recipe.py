@@ -1,0 +1,164 @@
+"""The main job's pipeline at toy size: a tiny local model folder, a small multi-task file, every shipped YAML."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hydralora.cli import main as cli_main
+from hydralora.recipes.config import ADAPTER_FIELDS, TrainConfig, build_spec
+from hydralora.recipes.train import run_train
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = ["red", "blue", "green", "yellow"]
+ANIMALS = ["cat", "dog", "bird", "fish"]
+
+
+def _rows(seed=0, n=24):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        c, a = rng.choice(COLORS), rng.choice(ANIMALS)
+        split = "test" if i % 4 == 0 else "train"
+        rows.append({"task": "color", "input": f"what color is the {a} ? the {a} is {c}", "choices": COLORS, "answer": c, "split": split})
+        rows.append({"task": "animal", "input": f"name the animal : {c} {a}", "target": a, "split": split})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny Llama + word-level tokenizer saved as a local HF folder, and a multi-task JSONL."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("toy")
+    rows = _rows()
+    words = sorted({w for r in rows for w in (r["input"] + " " + r.get("target", r.get("answer", ""))).split()})
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(["<pad>", "<unk>", "<s>", "</s>"] + words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        vocab_size=len(vocab), max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    ))
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    data = root / "mix.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def toy_spec(toy, out, **over):
+    values = dict(model=str(toy / "model"), data=str(toy / "mix.jsonl"), output_dir=str(out), max_steps=6,
+                  per_device_batch_size=4, max_seq_length=32, save_steps=3, logging_steps=1, eval_batch_size=8,
+                  max_new_tokens=3, learning_rate=5e-3, num_experts=2, r=4, lora_alpha=8, lora_dropout=0.0,
+                  device="cpu", report=True)
+    values.update(over)
+    return build_spec(values)
+
+
+def test_pipeline_writes_adapter_metrics_and_report(toy, tmp_path):
+    metrics = run_train(toy_spec(toy, tmp_path / "run", num_experts="auto", auto_n_k_max=3, balance_loss_coef=0.01))
+    run = tmp_path / "run"
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json", "report.md",
+                 "accuracy.png", "loss.png", "routing.png", "elbow.png", "analysis.json", "config.json"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "adapter/adapter_config.json").read_text())
+    assert cfg["peft_type"] == "HYDRALORA" and cfg["num_experts"] in (2, 3) and cfg["auto_n"]["k"] == cfg["num_experts"]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved["adapted"]["per_task"]) == {"color", "animal"}
+    assert 0.0 <= saved["adapted"]["mean_accuracy"] <= 1.0 and "base" in saved and "mean_gain" in saved
+    assert any("aux_loss" in h for h in saved["log_history"])
+    assert list(tmp_path.glob("run/tensorboard/**/events.out.tfevents*"))
+    assert metrics["routing_by_task"]["color"]
+    assert "Held-out mean accuracy" in (run / "report.md").read_text()
+
+
+def test_existing_output_dir_is_not_overwritten(toy, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_train(toy_spec(toy, tmp_path / "run"))
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(toy, tmp_path):
+    run_train(toy_spec(toy, tmp_path / "full", eval_base=False, report=False, lora_dropout=0.1))
+    interrupted = tmp_path / "part"
+    run_train(toy_spec(toy, interrupted, eval_base=False, report=False, lora_dropout=0.1))
+    # Simulate an interruption right after the step-3 checkpoint: drop everything written later.
+    import shutil
+
+    shutil.rmtree(interrupted / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(interrupted / "adapter")
+    for f in ("metrics.json", "config.json"):
+        (interrupted / f).unlink()
+    run_train(toy_spec(toy, interrupted, eval_base=False, report=False, lora_dropout=0.1, resume=True))
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(interrupted / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-split", "hydralora-uniform", "lora-moe"])
+def test_every_method_trains_and_evaluates(toy, tmp_path, method):
+    metrics = run_train(toy_spec(toy, tmp_path / method, method=method, max_steps=2, report=False, eval_base=False))
+    assert metrics["trainable_params"] > 0 and "adapted" in metrics
+
+
+def test_bad_rows_fail_with_file_and_line_or_are_skipped(toy, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = (toy / "mix.jsonl").read_text().splitlines()
+    lines.insert(2, "{not json")
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl.*3"):
+        run_train(toy_spec(toy, tmp_path / "r1", data=str(bad), max_steps=1))
+    metrics = run_train(toy_spec(toy, tmp_path / "r2", data=str(bad), max_steps=1, skip_bad_rows=True, report=False, eval_base=False))
+    assert metrics["adapted"]
+
+
+def test_cli_train_eval_export(toy, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--output-dir", str(out), "--max-steps", "2", "--model", str(toy / "model"), "--data",
+            str(toy / "mix.jsonl"), "--set", "num_experts=2", "--set", "device=cpu", "--set", "max_seq_length=32",
+            "--set", "report=false", "--set", "eval_base=false", "--set", "max_new_tokens=3"]
+    assert cli_main(args) == 0
+    res = tmp_path / "eval.json"
+    assert cli_main(["eval", "--adapter", str(out / "adapter"), "--out", str(res), "--routing", "sequence", "--device", "cpu"]) == 0
+    data = json.loads(res.read_text())
+    assert set(data["per_task"]) == {"color", "animal"} and "base" in data and 0 <= data["mean"] <= 1
+    assert cli_main(["export", str(out / "adapter"), str(tmp_path / "lora"), "--gate", "0.5,0.5"]) == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert cli_main(["export", str(out / "adapter"), str(tmp_path / "merged"), "--gate", "mean", "--merge"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert cli_main(["export", str(out / "adapter"), str(tmp_path / "lora"), "--gate", "mean"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_bad_config_keys_and_values(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['rank'\]"):
+        build_spec({"rank": 8})
+    with pytest.raises(ValueError, match="method='qlora' is invalid"):
+        build_spec({"method": "qlora"})
+    with pytest.raises(ValueError, match="max_steps=0"):
+        build_spec({"max_steps": 0})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    allowed = {f for f in TrainConfig.__dataclass_fields__} | set(ADAPTER_FIELDS)
+    assert set(raw) <= allowed, set(raw) - allowed
+    spec = build_spec(config_file=str(path))
+    assert spec.train.method in ("hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe")
