@@ -25,7 +25,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from .io import DataError
 
@@ -311,7 +311,8 @@ def _split_counts(n: int, splits) -> dict[str, int]:
 
 def build_mixture(tasks: Sequence[str], per_task: int | None = None, seed: int = 0,
                   splits=(0.8, 0.0, 0.2), tasks_dir: str | os.PathLike | None = None,
-                  dedupe: bool = True) -> list[dict]:
+                  dedupe: bool = True,
+                  row_filter: Callable[[dict], bool] | None = None) -> list[dict]:
     """A deterministic multi-task mixture with a ``split`` field per row.
 
     For each task independently (so adding a task never changes another's rows): drop
@@ -328,6 +329,8 @@ def build_mixture(tasks: Sequence[str], per_task: int | None = None, seed: int =
     out: list[dict] = []
     for name in tasks:
         rows = load_task(name, d)
+        if row_filter is not None:  # applied before sampling, so per_task still holds
+            rows = [r for r in rows if row_filter(r)]
         if dedupe:
             seen, unique = set(), []
             for r in rows:
