@@ -1,0 +1,222 @@
+"""Choose the number of experts N from a corpus (see docs/auto-n.md for the evidence)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+from threadpoolctl import threadpool_limits
+
+from .features import paper_tfidf, template_lsa
+
+DEFAULT_METHOD = "lsa-stability"
+METHODS = {
+    "tfidf-elbow": "paper: TF-IDF, K-means per K, elbow of the SSE curve (kneed)",
+    "lsa-stability": "template TF-IDF + LSA + L2, K-means; K whose clustering is most "
+                     "reproducible across subsamples (mean pairwise ARI)",
+    "lsa-silhouette": "template TF-IDF + LSA + L2, K-means; K with the best silhouette",
+    "lsa-elbow": "template TF-IDF + LSA + L2, K-means; elbow of the SSE curve (kneed)",
+}
+# Above this many texts the paper's method uses MiniBatchKMeans on the full sparse matrix.
+_MINIBATCH_ABOVE = 20_000
+
+
+class ClusteringError(ValueError):
+    """Unusable input for clustering; the message says what, where and what is allowed."""
+
+
+@dataclass
+class ClusteringResult:
+    """Outcome of :func:`suggest_num_experts`.
+
+    ``scores[name][i]`` is the score ``name`` ("sse", and for lsa-* methods also "silhouette",
+    "stability") at ``k_values[i]``. ``labels`` are the cluster ids of every text for ``k``.
+    """
+
+    k: int
+    method: str
+    k_values: list[int]
+    scores: dict[str, list[float]]
+    labels: np.ndarray
+    seconds: float
+    num_texts: int
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sse(self) -> list[float]:
+        return self.scores["sse"]
+
+    def scores_by_k(self) -> dict[str, dict[str, float]]:
+        """``{"2": {"sse": ..., ...}, ...}``: JSON-friendly, one entry per K."""
+        return {str(k): {name: float(v[i]) for name, v in self.scores.items()}
+                for i, k in enumerate(self.k_values)}
+
+    def to_dict(self, include_labels: bool = False) -> dict:
+        d = {"k": int(self.k), "method": self.method, "k_values": list(map(int, self.k_values)),
+             "scores": self.scores_by_k(), "seconds": round(float(self.seconds), 3),
+             "num_texts": int(self.num_texts), "seed": int(self.seed), "notes": list(self.notes)}
+        if include_labels:
+            d["labels"] = [int(x) for x in self.labels]
+        return d
+
+
+def select_k(k_values, scores: dict[str, list[float]], rule: str) -> int:
+    """Apply a selection rule ("stability", "silhouette" or "elbow") to a score curve."""
+    ks = list(k_values)
+    if rule == "stability":
+        s = np.asarray(scores["stability"])
+        # Ties (several K reproduced perfectly) go to the larger K: merging two real tasks
+        # is as stable as keeping them apart, splitting one task is not.
+        return int(max(k for k, v in zip(ks, s) if v >= s.max() - 1e-3))
+    if rule == "silhouette":
+        return int(ks[int(np.argmax(scores["silhouette"]))])
+    if rule == "elbow":
+        return _elbow(ks, scores["sse"])[0]
+    raise ValueError(f"rule={rule!r}; allowed: 'stability', 'silhouette', 'elbow'")
+
+
+def _elbow(ks, sse) -> tuple[int, bool]:
+    from kneed import KneeLocator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kneed warns when no knee exists; we report that
+        knee = KneeLocator(list(ks), list(sse), curve="convex", direction="decreasing").knee
+    return (int(knee), True) if knee is not None else (int(ks[0]), False)
+
+
+def _check_inputs(texts, k_range, method):
+    if method not in METHODS:
+        raise ClusteringError(f"method={method!r}; allowed: {', '.join(METHODS)}")
+    if isinstance(texts, str):
+        raise ClusteringError("texts must be a list of strings, got one string")
+    texts = list(texts)
+    if not texts:
+        raise ClusteringError("texts is empty; need at least one document per cluster")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ClusteringError(f"texts[{i}] is {type(t).__name__} {t!r:.60}; "
+                                  "allowed: a non-empty string")
+        if not t.strip():
+            raise ClusteringError(f"texts[{i}] is empty; every document needs some text")
+    ks = sorted({int(k) for k in k_range})
+    if not ks or ks[0] < 2:
+        raise ClusteringError(f"k_range={list(k_range)!r}; allowed: integers >= 2")
+    if len(ks) < (3 if method.endswith("elbow") else 2):
+        raise ClusteringError(f"k_range={ks!r} has too few values for method {method!r} "
+                              "(an elbow needs at least 3 K values, the others 2)")
+    if len(texts) <= ks[-1]:
+        raise ClusteringError(f"only {len(texts)} documents for K up to {ks[-1]}; "
+                              f"need more than {ks[-1]} documents (or a smaller k_max)")
+    return texts, ks
+
+
+def _progress(iterable, enabled, desc):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def suggest_num_experts(texts, k_range=range(2, 11), method: str = DEFAULT_METHOD,
+                        seed: int = 0, *, n_components: int = 50, min_df: float = 0.02,
+                        n_init: int = 10, max_sweep_docs: int = 5000,
+                        stability_rounds: int = 8, stability_fraction: float = 0.8,
+                        progress: bool | None = None) -> ClusteringResult:
+    """Suggest the number of experts N for a corpus.
+
+    ``method``: "lsa-stability" (default), "tfidf-elbow" (the paper's), "lsa-silhouette",
+    "lsa-elbow"; see ``METHODS``. Deterministic for a given ``seed``.
+
+    The lsa-* methods score every K on a seeded subsample of at most ``max_sweep_docs``
+    texts, then label all texts with the chosen K's centroids, so time and memory stay
+    bounded on large corpora. Stability: ``stability_rounds`` times, K-means is fitted on two
+    random ``stability_fraction`` subsamples and the two labelings of the whole sweep sample
+    are compared by adjusted Rand index; the score is the mean.
+    """
+    t0 = time.perf_counter()
+    texts, ks = _check_inputs(texts, k_range, method)
+    # One thread: the sweep is many small K-means fits, and OpenMP threads on a busy 2-core
+    # machine made each fit 30x slower (oversubscription), not faster.
+    with threadpool_limits(1):
+        res = _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_docs,
+                       stability_rounds, stability_fraction, progress)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_docs,
+             stability_rounds, stability_fraction, progress) -> ClusteringResult:
+    t0 = time.perf_counter()
+    n = len(texts)
+    if progress is None:
+        progress = n >= 10_000
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+
+    if method == "tfidf-elbow":
+        X = paper_tfidf(texts)
+        sse, models = [], {}
+        for k in _progress(ks, progress, "K sweep"):
+            if n > _MINIBATCH_ABOVE:
+                km = MiniBatchKMeans(k, n_init=3, batch_size=4096, random_state=seed)
+            else:
+                km = KMeans(k, n_init=n_init, random_state=seed)
+            km.fit(X)
+            sse.append(float(km.inertia_))
+            models[k] = km
+        k, found = _elbow(ks, sse)
+        if not found:
+            notes.append(f"no knee in the SSE curve; fell back to k_min={ks[0]}")
+        return ClusteringResult(k, method, ks, {"sse": sse}, models[k].labels_.astype(np.int64),
+                                time.perf_counter() - t0, n, seed, notes)
+
+    Z = template_lsa(texts, seed=seed, n_components=n_components, min_df=min_df)
+    if n > max_sweep_docs:
+        sample = np.sort(rng.choice(n, max_sweep_docs, replace=False))
+        notes.append(f"K sweep on a seeded sample of {max_sweep_docs} of {n} texts")
+    else:
+        sample = np.arange(n)
+    Zs = Z[sample]
+    m = len(sample)
+    sub = max(ks[-1] + 1, int(stability_fraction * m))
+    scores = {"sse": [], "silhouette": [], "stability": []}
+    models = {}
+    for k in _progress(ks, progress, "K sweep"):
+        km = KMeans(k, n_init=n_init, random_state=seed).fit(Zs)
+        models[k] = km
+        scores["sse"].append(float(km.inertia_))
+        if len(np.unique(km.labels_)) > 1:
+            sil = silhouette_score(Zs, km.labels_, sample_size=min(m, 3000),
+                                   random_state=seed)
+        else:  # duplicate-heavy corpora can leave one distinct cluster
+            sil = -1.0
+        scores["silhouette"].append(float(sil))
+        aris = []
+        for _ in range(stability_rounds):
+            pair = []
+            for _ in range(2):
+                idx = rng.choice(m, sub, replace=False)
+                fit = KMeans(k, n_init=3, random_state=int(rng.integers(2**31 - 1))).fit(Zs[idx])
+                pair.append(fit.predict(Zs))
+            aris.append(adjusted_rand_score(*pair))
+        scores["stability"].append(float(np.mean(aris)))
+    k = select_k(ks, scores, method.split("-", 1)[1])
+    labels = models[k].predict(Z).astype(np.int64) if m < n else models[k].labels_.astype(np.int64)
+    return ClusteringResult(k, method, ks, scores, labels, time.perf_counter() - t0, n, seed,
+                            notes)
+
+
+def resolve_num_experts(texts, **kw) -> tuple[int, dict]:
+    """N for ``HydraLoraConfig(num_experts="auto")``: ``(k, JSON-serialisable summary)``.
+
+    Keyword arguments go to :func:`suggest_num_experts`. The summary (k, method, scores per
+    K, seconds, num_texts, seed, notes) is meant for adapter_config.json / the run dir.
+    """
+    res = suggest_num_experts(texts, **kw)
+    return res.k, res.to_dict()
