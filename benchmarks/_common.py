@@ -1,0 +1,178 @@
+"""Shared benchmark helpers: arguments, timing (warm-up, CUDA events or perf_counter, median of repeats), tables,
+JSON output, memory, and the fused dispatch used to measure the integrated fast path before it lands in layer.py."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def resolve_dtype(args) -> torch.dtype:
+    if args.dtype is None:
+        return torch.bfloat16 if args.device == "cuda" else torch.float32
+    return DTYPES[args.dtype]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], None], device: str, warmup: int = 5, repeats: int = 20, inner: int = 1) -> dict:
+    """Median (and spread) of `repeats` timings, each the mean over `inner` back-to-back calls, after `warmup` calls.
+    CUDA: events around each group (includes launch gaps, i.e. what the caller really waits for); CPU: perf_counter."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e3 / inner)
+    samples.sort()
+    return {"ms": statistics.median(samples), "min_ms": samples[0], "max_ms": samples[-1], "n": len(samples)}
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def peak_memory(device: str, out: dict):
+    """Peak allocated GiB inside the block (CUDA only), stored in out['peak_gib']."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    if device == "cuda":
+        torch.cuda.synchronize()
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def env_info(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    try:
+        import peft
+        import transformers
+
+        info["peft"], info["transformers"] = peft.__version__, transformers.__version__
+    except Exception:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except Exception:
+            pass
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def fmt(v, nd=2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, int]], title: Optional[str] = None) -> str:
+    """cols: (key, header, decimals). Prints a Markdown table and returns it."""
+    lines = []
+    if title:
+        lines.append(f"\n### {title}\n")
+    lines.append("| " + " | ".join(h for _, h, _ in cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(k), nd) for k, _, nd in cols) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: Optional[str], payload: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+
+
+@contextlib.contextmanager
+def fused_dispatch(enabled: bool = True):
+    """Route HydraLoraLayer.hydra_delta through hydralora.ops where it applies: the integration proposed for
+    layer.py, applied here by patching the class for the duration of a benchmark."""
+    from hydralora.ops import layer_fused_supported, layer_hydra_delta_fused
+    from hydralora.tuner.layer import HydraLoraLayer
+
+    if not enabled:
+        yield
+        return
+    original = HydraLoraLayer.hydra_delta
+    switch = os.environ.get("HYDRALORA_FUSED")
+    os.environ["HYDRALORA_FUSED"] = "1"
+
+    def hydra_delta(self, adapter_name, x, result):
+        A = self.hydralora_A[adapter_name]
+        x = self._cast_input_dtype(x, A.dtype)
+        if layer_fused_supported(self, adapter_name, x, result):
+            return layer_hydra_delta_fused(self, adapter_name, x, result)
+        return original(self, adapter_name, x, result)
+
+    HydraLoraLayer.hydra_delta = hydra_delta
+    try:
+        yield
+    finally:
+        HydraLoraLayer.hydra_delta = original
+        if switch is None:
+            os.environ.pop("HYDRALORA_FUSED", None)
+        else:
+            os.environ["HYDRALORA_FUSED"] = switch
+
+
+def randomize_(tensors: Iterable[torch.Tensor], std: float = 0.02, seed: int = 0) -> None:
+    """Non-zero adapter weights (zero B would time a degenerate case)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_((torch.randn(t.shape, generator=gen) * std).to(t.dtype))

@@ -1,0 +1,133 @@
+"""Generation speed (random weights): decode tokens/s of HydraLoRA with token routing vs PEFT LoRA r=8, and of
+HydraLoRA merged under a fixed gate vs the base model, all in one run.
+
+    python benchmarks/bench_generate.py --device cuda     # SmolLM2-135M-shaped and 7B-shaped (8 layers), batch 1 and 32
+    python benchmarks/bench_generate.py --device cpu      # SmolLM2-135M-shaped only, batch 1, fewer tokens
+
+Decode time = time(generate N new tokens) - time(generate 1 new token) (the prefill), so
+decode tok/s = batch * (N - 1) / decode time. Greedy, no EOS, adapters on q_proj and v_proj.
+Variants: base, PEFT LoRA r=8, ours token routing (eager), ours token routing (fused dispatch),
+ours merged (hydralora.merge_and_unload(model, "mean")).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import _common as C
+
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "llama7b-8l": dict(hidden_size=4096, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=32,
+                       intermediate_size=11008, vocab_size=32000),
+}
+
+
+def make_model(name, dev, dt, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def gen_time(model, ids, n_new, dev, repeats):
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids, **kw)  # warm-up
+        ts = []
+        for _ in range(repeats):
+            C.sync(dev)
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            C.sync(dev)
+            ts.append(time.perf_counter() - t0)
+    assert out.shape[1] == ids.shape[1] + n_new, out.shape
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    import peft
+
+    import hydralora
+
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--models", default=None, help="comma list of " + ",".join(SHAPES))
+    p.add_argument("--batches", default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    dev, dt = args.device, C.resolve_dtype(args)
+    cuda = dev == "cuda"
+    models = (args.models or ("smollm2-135m,llama7b-8l" if cuda else "smollm2-135m")).split(",")
+    batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1")).split(",")]
+    n_new = args.new_tokens or (128 if cuda else 32)
+    rows = []
+    for name in models:
+        model = make_model(name, dev, dt, args.seed)
+        gen = torch.Generator(device="cpu").manual_seed(args.seed)
+        prompts = {b: torch.randint(3, model.config.vocab_size, (b, args.prompt), generator=gen).to(dev) for b in batches}
+
+        def measure(variant, net):
+            for b in batches:
+                t_all = gen_time(net, prompts[b], n_new, dev, args.repeats)
+                t_pre = gen_time(net, prompts[b], 1, dev, args.repeats)
+                row = {"model": name, "batch": b, "variant": variant, "prefill_ms": t_pre * 1e3,
+                       "decode_tok_s": b * (n_new - 1) / max(t_all - t_pre, 1e-9)}
+                rows.append(row)
+                print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+        measure("base", model)
+        lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                               task_type="CAUSAL_LM")
+        pm = peft.get_peft_model(model, lcfg)
+        C.randomize_([q for n, q in pm.named_parameters() if "lora_B" in n])
+        measure("peft r8", pm)
+        model = pm.unload()
+        hcfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3,
+                                         target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        hm = peft.get_peft_model(model, hcfg)
+        C.randomize_([q for _, layer in hydralora.hydra_layers(hm) for q in layer.hydralora_B.values()])
+        hm.eval()
+        measure("ours token (eager)", hm)
+        if cuda:
+            with C.fused_dispatch(True):
+                measure("ours token (fused)", hm)
+        merged = hydralora.merge_and_unload(hm, "mean")
+        measure("ours merged (gate mean)", merged)
+        del model, hm, merged, pm
+        C.free_memory()
+
+    for r in rows:
+        same = [o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"]]
+        base = next(o for o in same if o["variant"] == "base")
+        lora = next(o for o in same if o["variant"] == "peft r8")
+        r["x_base"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["x_peft"] = r["decode_tok_s"] / lora["decode_tok_s"]
+    info = C.env_info(dev)
+    title = f"Generation: {n_new} new tokens after a {args.prompt}-token prompt, greedy, {dt}, " \
+            f"{info.get('gpu', info.get('cpu'))}"
+    cols = [("model", "model", 0), ("batch", "batch", 0), ("variant", "variant", 0),
+            ("decode_tok_s", "decode tok/s", 1), ("x_peft", "x PEFT LoRA r=8", 2), ("x_base", "x base", 2),
+            ("prefill_ms", "prefill ms", 1)]
+    table = C.print_table(rows, cols, title)
+    C.write_json(args.json, {"bench": "generate", "env": info, "config": vars(args), "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Triton kernels of the fused HydraLoRA path (imported only where Triton is available).
+
+Two kernels, each one pass over x (T, K):
+
+_proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two small tensor-core dots per K tile; the
+    epilogue takes the softmax and writes z[t, n*R + j] = scaling * gate[t, n] * h[t, j] (the input of the stacked
+    B GEMM), h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of (seed, element
+    index): never stored, regenerated in backward.
+_bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward included), then per K tile writes
+    dx = mask * (dh A) / (1 - p) + dlogits W_g and per-row-block partial sums of dA = dh^T (mask * x) / (1 - p)
+    and dW_g = dlogits^T x (summed over row blocks afterwards: deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Hash constants, written as signed int32 bit patterns (see fused._keep_mask_torch for the same function).
+_GOLD = -1640531535  # 0x9E3779B1
+_C1 = 2146121005  # 0x7FEB352D
+_C2 = -2073254261  # 0x846CA68B
+
+
+@triton.jit
+def _keep(rows, cols, K, s1, s2, thr):
+    """Dropout keep mask [BT, BK]: lowbias32 hash of the flat element index, keyed by the seed (s1, s2)."""
+    idx = rows[:, None] * K + cols[None, :]
+    v = idx.to(tl.uint32, bitcast=True) ^ s1.to(tl.uint32, bitcast=True)
+    v = v * tl.full((), _GOLD, tl.int32).to(tl.uint32, bitcast=True) + s2.to(tl.uint32, bitcast=True)
+    v = v ^ (v >> 16)
+    v = v * tl.full((), _C1, tl.int32).to(tl.uint32, bitcast=True)
+    v = v ^ (v >> 15)
+    v = v * tl.full((), _C2, tl.int32).to(tl.uint32, bitcast=True)
+    v = v ^ (v >> 16)
+    return (v >> 1).to(tl.int32, bitcast=True) >= thr
+
+
+def _fwd_configs():
+    out = []
+    for bt, bk, w, s in [(16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)]:
+        out.append(triton.Config({"BT": bt, "BK": bk}, num_warps=w, num_stages=s))
+    return out
+
+
+@triton.autotune(configs=_fwd_configs(), key=["K", "TB", "DROPOUT"])
+@triton.jit
+def _proj_fwd(
+    X, A, G, Z, H, P, L, T, K, TB, s1, s2, thr, inv_keep, scaling, inv_temp,
+    R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
+    DROPOUT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < T
+    jr = tl.arange(0, RP)
+    jn = tl.arange(0, NP)
+    acc_h = tl.zeros([BT, RP], dtype=tl.float32)
+    acc_g = tl.zeros([BT, NP], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)  # [BK, RP]
+        g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
+        acc_g = tl.dot(x, g, acc_g)
+        if DROPOUT:
+            keep = _keep(rows, cols, K, s1, s2, thr)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        acc_h = tl.dot(x, a, acc_h)
+    h = acc_h * inv_keep
+    raw = acc_g
+    logits = tl.where(jn[None, :] < N, raw * inv_temp, float("-inf"))
+    m = tl.max(logits, 1)
+    e = tl.exp(logits - m[:, None])
+    gate = e / tl.sum(e, 1)[:, None]  # [BT, NP], 0 on padded columns
+    hmask = rmask[:, None] & (jr[None, :] < R)
+    nmask = rmask[:, None] & (jn[None, :] < N)
+    tl.store(H + rows[:, None] * R + jr[None, :], h, mask=hmask)
+    tl.store(P + rows[:, None] * N + jn[None, :], gate, mask=nmask)
+    tl.store(L + rows[:, None] * N + jn[None, :], raw, mask=nmask)
+    for n in tl.static_range(N):  # z[:, n*R:(n+1)*R] = scaling * gate[:, n] * h (2-D tiles: no 3-D register blocks)
+        gn = tl.sum(tl.where(jn[None, :] == n, gate, 0.0), 1)  # [BT]
+        zn = (gn * scaling)[:, None] * h
+        tl.store(Z + rows[:, None] * (N * R) + n * R + jr[None, :], zn.to(Z.dtype.element_ty), mask=hmask)
+
+
+def _bwd_configs():
+    out = []
+    for bk, w, s, ks in [(64, 4, 3, 2), (64, 4, 3, 4), (128, 4, 3, 2), (128, 8, 3, 4), (64, 8, 4, 4), (128, 4, 3, 1)]:
+        out.append(triton.Config({"BK": bk, "KSPLIT": ks}, num_warps=w, num_stages=s))
+    return out
+
+
+@triton.autotune(configs=_bwd_configs(), key=["K", "TB", "DROPOUT", "NEED_DX"])
+@triton.jit
+def _bwd_x(
+    X, DZ, H, P, GL, A, G, DX, PA, PG, T, K, TB, s1, s2, thr, inv_keep, scaling, inv_temp,
+    R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_GL: tl.constexpr, NEED_DX: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_t * BT + tl.arange(0, BT)
+    rmask = rows < T
+    jr = tl.arange(0, RP)
+    jn = tl.arange(0, NP)
+    hmask = rmask[:, None] & (jr[None, :] < R)
+    nmask = rmask[:, None] & (jn[None, :] < N)
+    h = tl.load(H + rows[:, None] * R + jr[None, :], mask=hmask, other=0.0)  # [BT, RP]
+    gate = tl.load(P + rows[:, None] * N + jn[None, :], mask=nmask, other=0.0)  # [BT, NP]
+    dh = tl.zeros([BT, RP], dtype=tl.float32)
+    dgate = tl.zeros([BT, NP], dtype=tl.float32)
+    for n in tl.static_range(N):
+        dzn = tl.load(DZ + rows[:, None] * (N * R) + n * R + jr[None, :], mask=hmask, other=0.0).to(tl.float32)
+        gn = tl.sum(tl.where(jn[None, :] == n, gate, 0.0), 1)  # [BT]
+        dh += (gn * scaling)[:, None] * dzn
+        dgn = tl.sum(dzn * h, 1) * scaling  # [BT]
+        dgate += tl.where(jn[None, :] == n, dgn[:, None], 0.0)
+    dlog = gate * (dgate - tl.sum(gate * dgate, 1)[:, None]) * inv_temp
+    if HAS_GL:
+        dlog += tl.load(GL + rows[:, None] * N + jn[None, :], mask=nmask, other=0.0).to(tl.float32)
+    dh = dh * inv_keep
+    dh_b = dh.to(X.dtype.element_ty)
+    dl_b = dlog.to(X.dtype.element_ty)
+    dh_t = tl.trans(dh_b)  # [RP, BT]
+    dl_t = tl.trans(dl_b)  # [NP, BT]
+    kchunk = tl.cdiv(tl.cdiv(K, KSPLIT), BK) * BK
+    k_lo = pid_k * kchunk
+    k_hi = tl.minimum(k_lo + kchunk, K)
+    for k0 in range(k_lo, k_hi, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < k_hi
+        xm = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=xm, other=0.0)
+        a = tl.load(A + jr[:, None] * K + cols[None, :], mask=(jr[:, None] < R) & cmask[None, :], other=0.0)  # [RP, BK]
+        g = tl.load(G + jn[:, None] * K + cols[None, :], mask=(jn[:, None] < N) & cmask[None, :], other=0.0)  # [NP, BK]
+        if DROPOUT:
+            keep = _keep(rows, cols, K, s1, s2, thr)
+            xd = tl.where(keep, x, tl.zeros_like(x))
+        else:
+            xd = x
+        if NEED_DX:
+            dxa = tl.dot(dh_b, a)  # [BT, BK]
+            if DROPOUT:
+                dxa = tl.where(keep, dxa, 0.0)
+            dx = tl.dot(dl_b, g, dxa)
+            tl.store(DX + rows[:, None] * K + cols[None, :], dx.to(DX.dtype.element_ty), mask=xm)
+        pa = tl.dot(dh_t, xd)  # [RP, BK]
+        pg = tl.dot(dl_t, x)  # [NP, BK]
+        tl.store(PA + pid_t * R * K + jr[:, None] * K + cols[None, :], pa, mask=(jr[:, None] < R) & cmask[None, :])
+        tl.store(PG + pid_t * N * K + jn[:, None] * K + cols[None, :], pg, mask=(jn[:, None] < N) & cmask[None, :])

@@ -1,0 +1,364 @@
+"""Fused HydraLoRA forward/backward: a custom autograd Function that saves only what backward needs.
+
+    out = result + (alpha/r) * sum_i w_i(x) B_i A dropout(x),    w(x) = softmax(W_g x / temperature)
+
+What it saves for backward: x itself (no copy; the same tensor the caller holds), h = A dropout(x) (T, r) fp32,
+the gate (T, N) fp32, z (T, N*r) and one dropout seed. The dropout mask is a hash of (seed, element index): it is
+never materialised in forward and regenerated inside the backward kernel (PEFT LoRA stores both the mask and the
+dropped copy of x, one of each per adapted layer).
+
+Two backends compute the same function with the same mask:
+- Triton (CUDA, bf16/fp16): one pass over x in forward (A, router, softmax, gate scaling, z), the stacked B GEMM with
+  the residual add in cuBLAS' epilogue, and one pass over x in backward (dx, dA, dW_g together).
+- pure PyTorch (any device, any float dtype): the reference of the kernels, used on CPU and in CI tests.
+
+`hydra_delta_fused` (adapter on top of a given base output) and `hydra_linear_fused` (base GEMM included, so the
+adapter's dx is added in the base dx GEMM's epilogue instead of a separate autograd accumulation) are the entry
+points; `fused_supported` / `layer_fused_supported` say when the fast path applies.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: CPU-only installs and CI use the PyTorch backend.
+    import triton
+
+    from . import _triton_kernels as _tk
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    _tk = None
+    HAS_TRITON = False
+
+_M32 = 0xFFFFFFFF
+_GOLD, _C1, _C2 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dropout mask: a counter-based hash, identical in the Triton kernels and here
+def _dropout_params(p: float, training: bool) -> tuple[bool, int, float]:
+    """(dropout active, int31 threshold, 1/(1-p)). An element is kept when hash >> 1 >= threshold."""
+    if not training or p <= 0.0:
+        return False, 0, 1.0
+    thr = min(int(round(p * 2.0**31)), 2**31 - 1)
+    return True, thr, 1.0 / (1.0 - p)
+
+
+def new_seed() -> tuple[int, int]:
+    """Two int31 seed words from torch's default CPU generator (respects torch.manual_seed; no device sync)."""
+    s = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+    return int(s[0]), int(s[1])
+
+
+def _keep_mask_torch(T: int, K: int, seed: tuple[int, int], thr: int, device) -> torch.Tensor:
+    """(T, K) bool keep mask: the function the Triton kernels compute, in int64 arithmetic."""
+    s1, s2 = seed
+    v = torch.arange(T * K, device=device, dtype=torch.int64)
+    v = (((v ^ s1) * _GOLD) + s2) & _M32
+    v = v ^ (v >> 16)
+    v = (v * _C1) & _M32
+    v = v ^ (v >> 15)
+    v = (v * _C2) & _M32
+    v = v ^ (v >> 16)
+    return ((v >> 1) >= thr).view(T, K)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the two kernels, PyTorch backend
+def _proj_torch(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout):
+    T, K = x2.shape
+    N, R = G.shape[0], A.shape[0]
+    xd = x2
+    if dropout:
+        xd = x2.masked_fill(~_keep_mask_torch(T, K, seed, thr, x2.device), 0)
+    h = F.linear(xd, A).float() * inv_keep  # (T, R)
+    raw = F.linear(x2, G).float()  # (T, N)
+    gate = torch.softmax(raw * inv_temp, -1)
+    z = ((gate * scaling).unsqueeze(-1) * h.unsqueeze(1)).reshape(T, N * R).to(x2.dtype)
+    return z, h, gate, raw
+
+
+def _bwd_x_torch(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_dx):
+    T, K = x2.shape
+    N, R = G.shape[0], A.shape[0]
+    dz3 = dz.float().view(T, N, R)
+    dh = ((gate * scaling).unsqueeze(-1) * dz3).sum(1)  # (T, R)
+    dgate = (dz3 * h.unsqueeze(1)).sum(2) * scaling  # (T, N)
+    dlog = gate * (dgate - (gate * dgate).sum(1, keepdim=True)) * inv_temp
+    if gl is not None:
+        dlog = dlog + gl.float()
+    dh = dh * inv_keep
+    keep = _keep_mask_torch(T, K, seed, thr, x2.device) if dropout else None
+    dx = None
+    if need_dx:
+        dxa = dh.to(x2.dtype) @ A
+        if keep is not None:
+            dxa = dxa.masked_fill(~keep, 0)
+        dx = dxa + dlog.to(x2.dtype) @ G
+    xd = x2 if keep is None else x2.masked_fill(~keep, 0)
+    dA = dh.t() @ xd.float()  # (R, K)
+    dG = dlog.t() @ x2.float()  # (N, K)
+    return dx, dA, dG
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the two kernels, Triton backend
+def _tb(T: int) -> int:
+    """Bucket of the token count for the autotuner's key (decode, small and large batches tune separately)."""
+    return min(triton.next_power_of_2(max(int(T), 1)), 8192)
+
+
+def _launch(kernel, grid, args, kw, fixed_cfg):
+    """Run an autotuned kernel; under TRITON_INTERPRET=1 (no driver to tune with) or HYDRALORA_AUTOTUNE=0
+    (tests: fewer compilations) run one fixed config instead."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HYDRALORA_AUTOTUNE") == "0":
+        warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": 4, "num_stages": 3}
+        kernel.fn[grid(fixed_cfg)](*args, **kw, **fixed_cfg, **warps)
+    else:
+        kernel[grid](*args, **kw)
+
+
+def _pads(R: int, N: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(N))
+
+
+def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout):
+    T, K = x2.shape
+    N, R = G.shape[0], A.shape[0]
+    RP, NP = _pads(R, N)
+    dev = x2.device
+    z = torch.empty(T, N * R, device=dev, dtype=x2.dtype)
+    h = torch.empty(T, R, device=dev, dtype=torch.float32)
+    gate = torch.empty(T, N, device=dev, dtype=torch.float32)
+    raw = torch.empty(T, N, device=dev, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(T, META["BT"]),)  # noqa: E731
+    args = (x2, A, G, z, h, gate, raw, T, K, _tb(T), seed[0], seed[1], thr, inv_keep, scaling, inv_temp)
+    _launch(_tk._proj_fwd, grid, args, dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout), {"BT": 32, "BK": 128})
+    return z, h, gate, raw
+
+
+def _bwd_bt(T: int) -> int:
+    return 128 if T >= 8192 else (64 if T >= 1024 else 32)
+
+
+def _bwd_x_triton(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_dx):
+    T, K = x2.shape
+    N, R = G.shape[0], A.shape[0]
+    RP, NP = _pads(R, N)
+    BT = _bwd_bt(T)
+    nT = triton.cdiv(T, BT)
+    dev = x2.device
+    dx = torch.empty_like(x2) if need_dx else x2  # not written when need_dx is False
+    pa = torch.empty(nT, R, K, device=dev, dtype=torch.float32)
+    pg = torch.empty(nT, N, K, device=dev, dtype=torch.float32)
+    gl_arg = gl.contiguous() if gl is not None else gate
+    grid = lambda META: (nT, META["KSPLIT"])  # noqa: E731
+    args = (x2, dz, h, gate, gl_arg, A, G, dx, pa, pg, T, K, _tb(T), seed[0], seed[1], thr, inv_keep, scaling, inv_temp)
+    kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
+    _launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2})
+    return (dx if need_dx else None), pa.sum(0), pg.sum(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# autograd
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    ok = HAS_TRITON and x.is_cuda and x.dtype in _FUSED_DTYPES
+    if backend == "triton" and HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        return True  # kernel debugging on the CPU through Triton's interpreter
+    if backend == "triton" and not ok:
+        raise RuntimeError("backend='triton' needs Triton, a CUDA tensor and bf16/fp16 inputs.")
+    return ok
+
+
+def _flat_B(B: torch.Tensor) -> torch.Tensor:
+    n, d, r = B.shape
+    return B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*r), expert-major along the rank
+
+
+class _HydraFused(torch.autograd.Function):
+    """Inputs: x2 (T, K); result2 (T, d) or None; W0 (d, K) frozen or None; bias (d,) frozen or None; A (R, K);
+    G (N, K); B (N, d, R). Outputs: out (T, d), raw logits (T, N) fp32 (differentiable), gate (T, N) fp32."""
+
+    @staticmethod
+    def forward(ctx, x2, result2, W0, bias, A, G, B, scaling, temperature, dropout_p, training, backend):
+        triton_path = _use_triton(x2, backend)
+        dropout, thr, inv_keep = _dropout_params(dropout_p, training)
+        seed = new_seed() if dropout else (0, 0)
+        proj = _proj_triton if triton_path else _proj_torch
+        z, h, gate, raw = proj(x2, A, G, seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout)
+        Bf = _flat_B(B)
+        if result2 is None:
+            # Base GEMM owned here: delta first, then the base GEMM adds it in its epilogue.
+            out = torch.addmm(z @ Bf.t() if bias is None else torch.addmm(bias, z, Bf.t()), x2, W0.t())
+        elif result2.dtype == z.dtype and result2.is_contiguous():
+            out = torch.addmm(result2, z, Bf.t())  # residual add fused into the GEMM epilogue
+        else:
+            out = result2 + (z @ Bf.t()).to(result2.dtype)
+        ctx.save_for_backward(x2, W0, A, G, B, z, h, gate)
+        ctx.meta = (seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
+        ctx.mark_non_differentiable(gate)
+        ctx.set_materialize_grads(False)
+        return out, raw, gate
+
+    @staticmethod
+    def backward(ctx, dout, draw, _dgate):
+        x2, W0, A, G, B, z, h, gate = ctx.saved_tensors
+        seed, thr, inv_keep, scaling, inv_temp, dropout, triton_path, owns_base = ctx.meta
+        T, K = x2.shape
+        n, d, r = B.shape
+        need_x = ctx.needs_input_grad[0]
+        if dout is None:
+            dout = torch.zeros(T, d, device=x2.device, dtype=x2.dtype)
+        dout = dout.contiguous()
+        Bf = _flat_B(B)
+        dz = dout @ Bf.to(dout.dtype)  # (T, N*R)
+        dBf = dout.t() @ z.to(dout.dtype)  # (d, N*R)
+        dB = dBf.view(d, n, r).permute(1, 0, 2).to(B.dtype)
+        bwd = _bwd_x_triton if triton_path else _bwd_x_torch
+        dx, dA, dG = bwd(x2, dz, h, gate, draw, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_x)
+        if need_x and owns_base:
+            dx = torch.addmm(dx, dout, W0.to(dout.dtype))  # the base's dx GEMM adds the adapter's dx in its epilogue
+        d_result = dout if (not owns_base and ctx.needs_input_grad[1]) else None
+        return dx, d_result, None, None, dA.to(A.dtype), dG.to(G.dtype), dB, None, None, None, None, None
+
+
+def hydra_delta_fused(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    W_g: torch.Tensor,
+    B: torch.Tensor,
+    result: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """result + scaling * sum_i softmax(W_g x / temperature)_i B_i A dropout(x), fused.
+
+    x: (..., K); A: (R, K); W_g: (N, K) (router on x); B: (N, d, R); result: (..., d) the base layer's output.
+    Dense token routing only (see `fused_supported`). backend: 'auto' (Triton on CUDA bf16/fp16, else PyTorch),
+    'triton' or 'torch'. Returns (out (..., d), raw router logits (..., N) fp32, gate (..., N) fp32); the logits
+    carry gradient (for a balance loss), the gate does not.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    res2 = result.reshape(-1, result.shape[-1])
+    out, raw, gate = _HydraFused.apply(
+        x2, res2, None, None, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend
+    )
+    n = W_g.shape[0]
+    return out.view(*lead, out.shape[-1]), raw.view(*lead, n), gate.view(*lead, n)
+
+
+def hydra_linear_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    W_g: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.linear(x, weight, bias) + the HydraLoRA update, with the frozen base GEMM inside the Function.
+
+    The adapter's dx is added in the epilogue of the base's dx GEMM (one pass less over dx than autograd's
+    accumulation of two separate gradients). weight and bias must be frozen. Same returns as hydra_delta_fused.
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("hydra_linear_fused needs a frozen base weight and bias.")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    out, raw, gate = _HydraFused.apply(
+        x2, None, weight, bias, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend
+    )
+    n = W_g.shape[0]
+    return out.view(*lead, out.shape[-1]), raw.view(*lead, n), gate.view(*lead, n)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# when the fast path applies
+def fused_supported(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    W_g: torch.Tensor,
+    B: torch.Tensor,
+    result: Optional[torch.Tensor] = None,
+    *,
+    router_input: str = "x",
+    routing_mode: str = "token",
+    top_k: Optional[int] = None,
+    num_experts: Optional[int] = None,
+    masked_experts=(),
+    training: bool = False,
+    init_offset: bool = False,
+    expert_dropout: bool = False,
+) -> bool:
+    """True where the Triton fast path computes exactly the layer's function: CUDA, bf16/fp16 with x, A, W_g, B
+    (and result) in one dtype, dense softmax token routing by a router on x, no top-k, no masked experts at
+    inference, no R-LoRA init offset, one shared dropout mask, r <= 64, N <= 16, x.numel() < 2**31."""
+    if not HAS_TRITON or not x.is_cuda or x.dtype not in _FUSED_DTYPES:
+        return False
+    if any(t.dtype != x.dtype or t.device != x.device for t in (A, W_g, B)):
+        return False
+    if result is not None and (result.dtype != x.dtype or result.shape[:-1] != x.shape[:-1]):
+        return False
+    if router_input != "x" or routing_mode != "token" or init_offset or expert_dropout:
+        return False
+    n = W_g.shape[0]
+    if top_k is not None and top_k < (num_experts or n):
+        return False
+    if masked_experts and not training:
+        return False
+    if A.shape[0] > 64 or n > 16 or W_g.shape[1] != x.shape[-1] or x.numel() >= 2**31 or x.numel() == 0:
+        return False
+    return True
+
+
+def fused_enabled() -> bool:
+    """The layer-level switch: HYDRALORA_FUSED=1 turns the dispatch on. Off by default until the Triton path has
+    passed tests/test_ops.py and benchmarks/bench_layer.py on a GPU (see docs/performance.md)."""
+    return os.environ.get("HYDRALORA_FUSED", "0") == "1"
+
+
+def layer_fused_supported(layer, adapter_name: str, x: torch.Tensor, result: Optional[torch.Tensor] = None) -> bool:
+    """fused_supported for an adapter of a HydraLoraLayer, reading its config and routing state (and the
+    HYDRALORA_FUSED switch)."""
+    if not fused_enabled():
+        return False
+    cfg = layer.hconfig[adapter_name]
+    return fused_supported(
+        x, layer.hydralora_A[adapter_name], layer.hydralora_router[adapter_name], layer.hydralora_B[adapter_name],
+        result, router_input=cfg.router_input, routing_mode=layer.routing_mode, top_k=cfg.top_k,
+        num_experts=layer.num_experts[adapter_name], masked_experts=cfg.masked_experts, training=layer.training,
+        init_offset=layer._init_offset(adapter_name) is not None, expert_dropout=cfg.expert_dropout,
+    )
+
+
+def layer_hydra_delta_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """What HydraLoraLayer.hydra_delta computes, through the fused op (call only where layer_fused_supported)."""
+    cfg = layer.hconfig[adapter_name]
+    out, logits, gate = hydra_delta_fused(
+        x, layer.hydralora_A[adapter_name], layer.hydralora_router[adapter_name], layer.hydralora_B[adapter_name],
+        result, layer.scaling[adapter_name], dropout_p=cfg.lora_dropout, training=layer.training,
+        temperature=cfg.router_temperature,
+    )
+    layer._record(adapter_name, logits, gate, x)
+    return out
