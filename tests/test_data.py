@@ -196,6 +196,9 @@ def test_load_examples_skip_and_split(tmp_path):
     assert [e.task for e in load_examples(p, skip_bad_rows=True, split="test")] == ["sports"]
     with pytest.raises(DataError, match="splits present"):
         load_examples(p, skip_bad_rows=True, split="validation")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"input": "x"}, {"foo": 1}])
+    with pytest.raises(DataError, match="all 2 rows were bad"):
+        load_examples(bad, skip_bad_rows=True)
 
 
 # --------------------------------------------------------------------------- collate

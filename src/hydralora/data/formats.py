@@ -244,6 +244,9 @@ def load_examples(path: str | os.PathLike, *, tokenizer=None, skip_bad_rows: boo
         seen_splits.add(ex.split)
         if split is None or ex.split == split:
             out.append(ex)
+    if not seen_splits:  # every row was bad (and skipped)
+        raise DataError(f"no usable examples: all {rows.skipped} rows were bad (first error: "
+                        f"{rows.errors[0]})", path)
     if split is not None and not out:
         present = sorted(s for s in seen_splits if s is not None)
         raise DataError(f"no examples with split {split!r}; splits present: {present}", path)
