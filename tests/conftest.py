@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 
 import pytest
 import torch
@@ -93,3 +95,46 @@ def batch(family: str, seed: int = 0, b: int = 2, t: int = 9, pad: bool = True):
 @pytest.fixture
 def llama():
     return make_model("llama")
+
+
+COLORS = ["red", "blue", "green", "yellow"]
+ANIMALS = ["cat", "dog", "bird", "fish"]
+
+
+def _rows(seed=0, n=24):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        c, a = rng.choice(COLORS), rng.choice(ANIMALS)
+        split = "test" if i % 4 == 0 else "train"
+        rows.append({"task": "color", "input": f"what color is the {a} ? the {a} is {c}", "choices": COLORS, "answer": c, "split": split})
+        rows.append({"task": "animal", "input": f"name the animal : {c} {a}", "target": a, "split": split})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A tiny Llama + word-level tokenizer saved as a local HF folder, and a multi-task JSONL."""
+    return make_toy(tmp_path_factory.mktemp("toy"))
+
+
+def make_toy(root):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rows = _rows()
+    words = sorted({w for r in rows for w in (r["input"] + " " + r.get("target", r.get("answer", ""))).split()})
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(["<pad>", "<unk>", "<s>", "</s>"] + words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        vocab_size=len(vocab), max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    ))
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    data = root / "mix.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root

@@ -103,7 +103,7 @@ def _run_eval(args) -> int:
         _, examples = split_examples(list(load_examples(data, tokenizer=tok)), int(run.get("seed", 42)))
     examples = cap_per_task(examples, args.max_per_task)
     kw = {"batch_size": args.batch_size, "max_new_tokens": int(run.get("max_new_tokens", 24)), "device": device,
-          "use_chat_template": use_chat}
+          "use_chat_template": use_chat, "max_length": int(run.get("max_seq_length") or 1024)}
     result = {"adapter": args.adapter, "routing": args.routing}
     if not args.no_base:
         with model.disable_adapter():

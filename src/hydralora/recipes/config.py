@@ -20,7 +20,7 @@ ADAPTER_FIELDS = tuple(
 )
 # Per schedule: values used for the fields the user left unset (None).
 SCHEDULE_DEFAULTS = {
-    "cpu": {"max_steps": 80, "eval_max_per_task": 20, "per_device_batch_size": 8, "max_seq_length": 192},
+    "cpu": {"max_steps": 60, "eval_max_per_task": 12, "per_device_batch_size": 8, "max_seq_length": 192},
     "gpu": {"max_steps": 600, "eval_max_per_task": 100, "per_device_batch_size": 16, "max_seq_length": 512},
 }
 

@@ -38,8 +38,13 @@ class HydraTrainer(Trainer):
         return result
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._aux_n and "loss" in logs:
-            logs["aux_loss"] = round(self._aux_sum / self._aux_n, 6)
+        if "loss" in logs and self.model is not None and get_aux_loss(self.model) is not None:
+            # mean over the logging window and over ranks, as Trainer does for the loss
+            stats = torch.tensor([self._aux_sum, float(self._aux_n)], device=self.args.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(stats)
+            if stats[1] > 0:
+                logs["aux_loss"] = round(float(stats[0] / stats[1]), 6)
             self._aux_sum, self._aux_n = 0.0, 0
         super().log(logs, *args, **kwargs)
 
@@ -88,11 +93,18 @@ def cap_per_task(examples: list[Example], cap: Optional[int]) -> list[Example]:
     return out
 
 
+def rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def prepare_output_dir(path: Optional[str], method: str, resume: bool) -> Path:
     if path is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("output_dir must be given when training on several processes (they must agree on it).")
         path = os.path.join("runs", f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(path)
-    if out.exists() and any(out.iterdir()) and not resume:
+    if rank() == 0 and out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(
             f"output_dir {out} exists and is not empty: choose another --output-dir, or pass --resume to continue it "
             "(nothing there is overwritten otherwise)."
@@ -119,10 +131,11 @@ def find_num_experts(train: list[Example], spec: RunSpec, out: Path) -> Optional
     if spec.train.auto_n_method:
         kwargs["method"] = spec.train.auto_n_method
     texts = [e.prompt for e in train]
-    k, record = resolve_num_experts(texts, **kwargs)
+    k, record = resolve_num_experts(texts, **kwargs)  # deterministic: every rank finds the same N
     spec.adapter["num_experts"] = int(k)
     spec.adapter["auto_n"] = record
-    (out / "analysis.json").write_text(json.dumps(record, indent=1))
+    if rank() == 0:
+        (out / "analysis.json").write_text(json.dumps(record, indent=1))
     return record
 
 
@@ -203,8 +216,9 @@ def run_train(spec: RunSpec) -> dict:
         "trainable_params": trainable, "total_params": total, "seed": cfg.seed,
     }
     eval_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens, "device": device,
-               "use_chat_template": cfg.use_chat_template}
-    if cfg.eval_base:
+               "use_chat_template": cfg.use_chat_template, "max_length": cfg.max_seq_length, "progress": True}
+    main_process = rank() == 0
+    if cfg.eval_base and main_process:
         t = time.time()
         with model.disable_adapter():
             metrics["base"] = evaluate(model, tokenizer, test_ex, **eval_kw)
@@ -241,6 +255,8 @@ def run_train(spec: RunSpec) -> dict:
                    train_tokens_per_s=tokens * seen / max(train_seconds, 1e-9) if not resume else None,
                    log_history=trainer.state.log_history)
 
+    if not main_process:  # rank 0 alone saves, evaluates and reports
+        return metrics
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
     (adapter_dir / RUN_FILE).write_text(json.dumps(spec.to_dict() | {"schedule": schedule}, indent=1, default=str))

@@ -13,6 +13,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from ..ops import layer_fused_supported, layer_hydra_delta_fused
 from .config import HydraLoraConfig
 
 ROUTING_MODES = ("token", "sequence", "fixed")
@@ -307,6 +308,8 @@ class HydraLoraLayer(BaseTunerLayer):
         A, B = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name]  # (r, k), (N, d, r)
         n, d, r = B.shape
         x = self._cast_input_dtype(x, A.dtype)
+        if layer_fused_supported(self, adapter_name, x, result):  # CUDA fast path, opt-in: HYDRALORA_FUSED=1
+            return layer_hydra_delta_fused(self, adapter_name, x, result)
         offset = self._init_offset(adapter_name)
         if offset is not None:
             A = torch.cat([A, offset[0].to(A.dtype)], 0)  # (2r, k): the frozen initial A shares x's dropout mask
