@@ -61,3 +61,11 @@ def test_two_process_ddp_with_the_balance_loss_logs_it_reduced_over_ranks(toy, t
     assert two.returncode == 0, two.stderr[-3000:]
     metrics = json.loads((tmp_path / "aux" / "metrics.json").read_text())
     assert [h["aux_loss"] for h in metrics["log_history"] if "aux_loss" in h]
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.num_processes >= 2 and cfg.mixed_precision == "bf16"
