@@ -1,0 +1,102 @@
+"""The paper's comparisons at small scale (issue 6): every method x seed as one `hydralora train` process.
+
+Runs are independent processes started side by side on one GPU (the 135M model leaves it mostly idle), so the
+whole study fits a short budget; each run writes its own run directory, so an interrupted study resumes by
+skipping runs whose metrics.json exists. Raw results land in OUT/<part>/<config>/seed<k>/metrics.json.
+
+    python studies/run_study.py --out results/study --part main --workers 8
+    python studies/run_study.py --out results/study --part sweep --workers 8
+    python studies/run_study.py --out results/study --part obs2 --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# The same target modules, steps, learning rate and data order (seed) for every method.
+COMMON = {"target_modules": "all-linear", "lora_dropout": 0.05, "learning_rate": 5e-4, "schedule": "gpu"}
+PARTS = {
+    # Table 3 / Table 5 of the paper: baselines, HydraLoRA with N from the corpus, and its ablations.
+    "main": {
+        "lora-r8": {"method": "lora", "r": 8, "lora_alpha": 16},
+        "lora-r16": {"method": "lora", "r": 16, "lora_alpha": 32},
+        "lora-r32": {"method": "lora", "r": 32, "lora_alpha": 64},
+        "lora-split-4x8": {"method": "lora-split", "r": 8, "lora_alpha": 16, "num_experts": 4},
+        "hydralora-auto": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto"},
+        "hydralora-uniform": {"method": "hydralora-uniform", "r": 8, "lora_alpha": 16, "num_experts": "auto"},
+        "lora-moe": {"method": "lora-moe", "r": 8, "lora_alpha": 16, "num_experts": "auto"},
+    },
+    # Figure 5's K sweep plus the options that could make HydraLoRA win.
+    "sweep": {
+        **{f"hydralora-N{n}": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": n} for n in (2, 3, 4, 6, 8)},
+        "hydralora-rlora": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "init_b": "rlora", "expert_dropout": True},
+        "hydralora-top2": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "top_k": 2},
+        "hydralora-balance": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "balance_loss_coef": 0.01},
+        "hydralora-router-ax": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "router_input": "lora_a"},
+    },
+}
+BASE_EVAL = ("main", "lora-r8", 0)  # the base model is scored once, in this run
+EXTRA_ROUTINGS = ("hydralora-auto",)  # also scored under sequence and fixed-'mean' routing
+
+
+def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, extra: dict | None = None) -> dict:
+    run_dir = out / part / name / f"seed{seed}"
+    if (run_dir / "metrics.json").is_file():
+        return {"run": str(run_dir), "skipped": True}
+    sets = {**COMMON, **overrides, "seed": seed, "eval_base": (part, name, seed) == BASE_EVAL, "report": True, **(extra or {})}
+    cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run_dir)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    t = time.time()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(run_dir) + ".log", "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    result = {"run": str(run_dir), "rc": rc, "seconds": round(time.time() - t, 1)}
+    if rc == 0 and name in EXTRA_ROUTINGS:
+        for routing in ("sequence", "fixed"):
+            subprocess.run([sys.executable, "-m", "hydralora.cli", "eval", "--adapter", str(run_dir / "adapter"),
+                            "--routing", routing, "--gate", "mean", "--no-base", "--out", str(run_dir / f"eval_{routing}.json")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log(f"{part}/{name}/seed{seed}: rc={rc} in {result['seconds']} s")
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/study")
+    ap.add_argument("--part", choices=sorted(PARTS) + ["obs2"], required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--only", nargs="*", help="Run only these config names.")
+    ap.add_argument("--iid-task", help="obs2: the task split into two IID halves (default: sports_understanding).")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Override a recipe field in every run (e.g. model=..., max_steps=...; used by the toy test).")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = dict(item.split("=", 1) for item in args.set)
+    if args.part == "obs2":
+        from observation2 import run_observation2
+
+        run_observation2(out / "obs2", workers=args.workers, extra=extra, **({"iid_task": args.iid_task} if args.iid_task else {}))
+        return 0
+    jobs = [(name, ov, s) for name, ov in PARTS[args.part].items() for s in args.seeds if not args.only or name in args.only]
+    t0 = time.time()
+    with ThreadPoolExecutor(args.workers) as pool:
+        results = list(pool.map(lambda j: run_one(out, args.part, j[0], j[1], j[2], lambda m: print(m, flush=True), extra), jobs))
+    (out / f"{args.part}_runs.json").write_text(json.dumps({"seconds": time.time() - t0, "runs": results}, indent=1))
+    failed = [r for r in results if r.get("rc", 0) != 0]
+    print(f"{len(results)} runs, {len(failed)} failed, {time.time() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The study's code (issue 6) at toy size: two configs, one seed, then the tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+def test_study_runner_and_report_at_toy_size(toy, tmp_path):
+    out = tmp_path / "study"
+    sets = [f"model={toy / 'model'}", f"data={toy / 'mix.jsonl'}", "max_steps=2", "schedule=cpu", "device=cpu",
+            "max_seq_length=32", "max_new_tokens=2", "eval_max_per_task=3", "auto_n_k_max=3", "report=false",
+            "target_modules=all-linear"]
+    cmd = [sys.executable, str(STUDIES / "run_study.py"), "--out", str(out), "--part", "main", "--seeds", "0",
+           "--workers", "2", "--only", "lora-r8", "hydralora-auto"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = json.loads((out / "main_runs.json").read_text())["runs"]
+    assert len(runs) == 2 and all(r["rc"] == 0 for r in runs)
+    assert (out / "main" / "hydralora-auto" / "seed0" / "eval_sequence.json").is_file()
+    # a second call resumes: nothing left to run
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and all(r.get("skipped") for r in json.loads((out / "main_runs.json").read_text())["runs"])
+    rep = subprocess.run([sys.executable, str(STUDIES / "report_study.py"), "--study", str(out), "--out", str(tmp_path / "docs")],
+                         capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    summary = json.loads((tmp_path / "docs" / "summary.json").read_text())
+    assert set(summary["summary"]) == {"lora-r8", "hydralora-auto"} and summary["base"] is not None
+    assert (tmp_path / "docs" / "means.png").is_file()
+    assert "hydralora-auto" in (tmp_path / "docs" / "tables.md").read_text()
+
+
+def test_observation2_at_toy_size(toy, tmp_path):
+    sys.path.insert(0, str(STUDIES))
+    from observation2 import run_observation2
+
+    summary = run_observation2(tmp_path / "obs2", workers=2, iid_task="color", extra={
+        "model": str(toy / "model"), "data": str(toy / "mix.jsonl"), "max_steps": 4, "learning_rate": 0.05, "schedule": "cpu", "device": "cpu",
+        "max_seq_length": 32, "max_new_tokens": 2, "eval_max_per_task": 2})
+    assert set(summary["runs"]) == {"animal", "color", "color-iid0", "color-iid1"}
+    for key in ("A", "dA", "B"):
+        assert -1.0 <= summary["mean_cross_task_cos"][key] <= 1.0
+    assert summary["relative_A_change"] > 0
+    assert (tmp_path / "obs2" / "obs2_similarity.png").is_file() and (tmp_path / "obs2" / "obs2_pca.png").is_file()
