@@ -52,6 +52,7 @@ class HydraLoraModel(BaseTuner):
             )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        self._layer_cache = None
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except ValueError as err:
@@ -87,7 +88,10 @@ class HydraLoraModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------------------
     # model-level hooks: routing context and the balance loss
     def hydra_layers(self) -> list[tuple[str, HydraLoraLayer]]:
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
+        # Cached: the hooks run on every forward (every decode step), and walking all modules costs Python time.
+        if getattr(self, "_layer_cache", None) is None:
+            self._layer_cache = [(n, m) for n, m in self.model.named_modules() if isinstance(m, HydraLoraLayer)]
+        return self._layer_cache
 
     def _pre_forward(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -139,6 +143,7 @@ class HydraLoraModel(BaseTuner):
         for handle in self._hydra_hooks:
             handle.remove()
         self._hydra_hooks = []
+        self._layer_cache = None
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _check_merge_allowed(self):
