@@ -2,10 +2,13 @@
 
 Mixtures of M distinct BBH-source BIG-bench tasks (M = 2, 3, 4, 6, 8; --subsets random task
 subsets each, seeded), up to --per-task examples per task, text = the example's ``input``.
-For each mixture: K from the paper's method (tfidf-elbow) and from the default
-(lsa-stability); the silhouette and elbow choices on the same LSA sweep are reported too.
+For each mixture: K from the paper's method (tfidf-elbow), the default (lsa-consensus) and
+lsa-stability; the silhouette, elbow and prediction-strength (>= 0.7) choices on the
+lsa-stability sweep are reported too.
+--subset-seed draws other task subsets and examples (held-out mixtures).
 
     python benchmarks/auto_n.py --bigbench-dir /work/cache/bigbench --out benchmarks/results/auto_n
+    python benchmarks/auto_n.py --subset-seed 1 --out benchmarks/results/auto_n/heldout-1
     python benchmarks/auto_n.py --bigbench-dir /work/cache/bigbench --scale 100000
 
 The BIG-bench task files come from the bigbench==1.0.0 sdist (Apache-2.0):
@@ -57,12 +60,15 @@ def task_inputs(root: Path, task: str) -> list[str]:
     return out
 
 
-def mixtures(root: Path, ms, subsets: int, per_task: int, seed: int):
-    rng = random.Random(seed)
+def mixtures(root: Path, ms, subsets: int, per_task: int, seed: int, subset_seed: int | None = None):
+    """Seeded task subsets and per-task example pools; ``subset_seed`` (default: ``seed``)
+    draws both, so a different subset seed gives held-out mixtures."""
+    sseed = seed if subset_seed is None else subset_seed
+    rng = random.Random(sseed)
     pools = {}
     for t in BBH_TASKS:
         xs = task_inputs(root, t)
-        r = random.Random(f"{seed}:{t}")
+        r = random.Random(f"{sseed}:{t}")
         pools[t] = r.sample(xs, per_task) if len(xs) > per_task else xs
     for m in ms:
         for _ in range(subsets):
@@ -78,19 +84,21 @@ def run_mixtures(args) -> int:
     root = tasks_root(args.bigbench_dir)
     ks = range(args.k_min, args.k_max + 1)
     rows = []
-    for m, chosen, texts, y in mixtures(root, args.m, args.subsets, args.per_task, args.seed):
+    for m, chosen, texts, y in mixtures(root, args.m, args.subsets, args.per_task, args.seed,
+                                        args.subset_seed):
         row = {"M": m, "tasks": chosen, "num_texts": len(texts)}
-        for method in ("tfidf-elbow", "lsa-stability"):
+        for method in ("tfidf-elbow", "lsa-stability", "lsa-consensus"):
             r = suggest_num_experts(texts, k_range=ks, method=method, seed=args.seed)
             row[method] = {"k": r.k, "ari": adjusted_rand_score(y, r.labels),
                            "seconds": r.seconds}
             if method == "lsa-stability":  # other rules on the very same sweep (K only)
-                for rule in ("silhouette", "elbow"):
+                for rule in ("silhouette", "elbow", "pstrength"):
                     row[f"lsa-{rule}"] = {"k": select_k(r.k_values, r.scores, rule)}
                 row["curves"] = r.scores
         rows.append(row)
-        print(f"M={m} K: paper={row['tfidf-elbow']['k']} default={row['lsa-stability']['k']} "
-              f"ARI: {row['tfidf-elbow']['ari']:.2f}/{row['lsa-stability']['ari']:.2f}  "
+        print(f"M={m} K: paper={row['tfidf-elbow']['k']} stability={row['lsa-stability']['k']} "
+              f"consensus={row['lsa-consensus']['k']} ARI: {row['tfidf-elbow']['ari']:.2f}/"
+              f"{row['lsa-stability']['ari']:.2f}/{row['lsa-consensus']['ari']:.2f}  "
               f"{','.join(chosen)}", flush=True)
     table = summarize(rows, args.m)
     print(table)
@@ -103,7 +111,8 @@ def run_mixtures(args) -> int:
 
 
 def summarize(rows, ms) -> str:
-    methods = ["tfidf-elbow", "lsa-stability", "lsa-silhouette", "lsa-elbow"]
+    methods = ["tfidf-elbow", "lsa-consensus", "lsa-stability", "lsa-silhouette", "lsa-elbow",
+               "lsa-pstrength"]
     lines = ["| method | M | mixtures | \\|K-M\\|<=1 | exact K=M | mean \\|K-M\\| | K chosen | mean ARI |",
              "|---|---|---|---|---|---|---|---|"]
     for method in methods:
@@ -153,7 +162,10 @@ def main(argv=None) -> int:
     p.add_argument("--per-task", type=int, default=200)
     p.add_argument("--k-min", type=int, default=2)
     p.add_argument("--k-max", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="clustering seed")
+    p.add_argument("--subset-seed", type=int, default=None,
+                   help="seed of the task subsets and example pools (default: --seed); "
+                        "tune on one, report on others (held-out mixtures)")
     p.add_argument("--out", default=None, help="folder for mixtures.json and table.md")
     p.add_argument("--scale", type=int, default=0, help="time the default on this many texts")
     args = p.parse_args(argv)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hydralora.clustering import (ClusteringError, METHODS, resolve_num_experts, select_k,
-                                  suggest_num_experts)
+from hydralora.clustering import (DEFAULT_METHOD, ClusteringError, METHODS,
+                                  resolve_num_experts, select_k, suggest_num_experts)
 from hydralora.clustering.cli import add_analyze_parser, row_text, run_analyze
 
 DATA = Path(__file__).parent / "data" / "bbh_mix4.jsonl"
@@ -42,9 +42,10 @@ def test_fixture_is_four_real_tasks():
 
 def test_result_fields(default_result):
     r = default_result
-    assert r.method == "lsa-stability" and r.k_values == list(range(2, 9))
+    assert r.method == DEFAULT_METHOD and r.k_values == list(range(2, 9))
     assert r.k in r.k_values and r.num_texts == len(TEXTS) and r.seconds > 0
-    assert set(r.scores) == {"sse", "silhouette", "stability"}
+    assert set(r.scores) == {"sse", "silhouette", "stability", "prediction_strength"}
+    assert all(0.0 <= v <= 1.0 for v in r.scores["prediction_strength"])
     assert all(len(v) == len(r.k_values) for v in r.scores.values())
     assert r.sse == r.scores["sse"]
     assert r.labels.shape == (len(TEXTS),) and len(np.unique(r.labels)) == r.k
@@ -71,7 +72,9 @@ def test_paper_method_selectable():
     assert r.method == "tfidf-elbow" and set(r.scores) == {"sse"}
     assert r.k in r.k_values and r.k == r2.k and r.sse == r2.sse
     assert all(a >= b for a, b in zip(r.sse, r.sse[1:]))  # SSE falls with K
-    assert set(METHODS) >= {"tfidf-elbow", "lsa-stability", "lsa-silhouette", "lsa-elbow"}
+    assert set(METHODS) >= {"tfidf-elbow", "lsa-stability", "lsa-consensus", "lsa-silhouette",
+                            "lsa-elbow"}
+    assert DEFAULT_METHOD in METHODS
 
 
 def test_select_k_rules():
@@ -81,13 +84,23 @@ def test_select_k_rules():
     assert select_k(ks, scores, "stability") == 3  # ties go to the larger K
     assert select_k(ks, scores, "silhouette") == 3
     assert select_k(ks, scores, "elbow") == 3
+    # consensus: stability + prediction strength, ties to the larger K
+    scores["prediction_strength"] = [0.2, 0.9, 0.9, 0.3]
+    assert select_k(ks, scores, "consensus") == 3
+    scores["prediction_strength"] = [0.2, 0.7, 1.0, 0.3]  # 1.0+0.7 ties 1.0+0.7
+    assert select_k(ks, scores, "consensus") == 4
+    # prediction strength: the largest K at or above the threshold, not the best one
+    scores["prediction_strength"] = [0.95, 0.6, 0.75, 0.4]
+    assert select_k(ks, scores, "pstrength") == 4
+    scores["prediction_strength"] = [0.5, 0.6, 0.3, 0.2]  # none passes: the best one
+    assert select_k(ks, scores, "pstrength") == 3
     with pytest.raises(ValueError, match="rule"):
         select_k(ks, scores, "gap")
 
 
 def test_resolve_num_experts_is_json():
     k, info = resolve_num_experts(TEXTS, k_range=range(2, 7), seed=1)
-    assert k == info["k"] and info["method"] == "lsa-stability"
+    assert k == info["k"] and info["method"] == DEFAULT_METHOD
     assert set(info) >= {"k", "method", "scores", "seconds", "num_texts"}
     json.dumps(info)
 
@@ -122,7 +135,7 @@ def test_analyze_writes_outputs(tmp_path, capsys):
     rc = run_analyze(parse([DATA, "--out", out, "--k-max", 8]))
     assert rc == 0
     a = json.loads((out / "analysis.json").read_text())
-    assert a["k"] == 4 and a["method"] == "lsa-stability" and a["num_texts"] == 160
+    assert a["k"] == 4 and a["method"] == DEFAULT_METHOD and a["num_texts"] == 160
     assert set(a["scores"]) == {str(k) for k in range(2, 9)} and a["seconds"] > 0
     assert a["labels_file"] == "labels.jsonl"
     assert a["task_agreement"]["adjusted_rand_index"] > 0.9
@@ -204,3 +217,28 @@ def test_clustering_package_does_not_import_torch():
         "c.suggest_num_experts(texts, k_range=range(2, 5))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("method", ["lsa-stability", "lsa-consensus"])
+def test_lsa_methods_recover_the_tasks_and_share_the_sweep(method):
+    r = suggest_num_experts(TEXTS, k_range=range(2, 9), method=method, seed=0)
+    assert r.method == method and r.k == 4 and ari(TASKS, r.labels) > 0.9
+    # the rules read the same sweep: select_k on the scores reproduces the choice
+    assert select_k(r.k_values, r.scores, method.split("-", 1)[1]) == r.k
+
+
+def test_feature_defaults_per_method_and_override():
+    a = suggest_num_experts(TEXTS, k_range=range(2, 5), method="lsa-consensus", seed=0)
+    b = suggest_num_experts(TEXTS, k_range=range(2, 5), method="lsa-consensus", seed=0,
+                            n_components=20, min_df=0.05)
+    c = suggest_num_experts(TEXTS, k_range=range(2, 5), method="lsa-consensus", seed=0,
+                            n_components=50, min_df=0.02)
+    assert a.scores == b.scores and a.scores != c.scores
+
+
+def test_stability_scores_do_not_depend_on_prediction_strength():
+    a = suggest_num_experts(TEXTS, k_range=range(2, 6), method="lsa-stability", seed=3,
+                            ps_rounds=1)
+    b = suggest_num_experts(TEXTS, k_range=range(2, 6), method="lsa-stability", seed=3,
+                            ps_rounds=3)
+    assert a.scores["stability"] == b.scores["stability"]

@@ -45,7 +45,7 @@ def plot_scores(res: ClusteringResult, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    extra = [n for n in ("stability", "silhouette") if n in res.scores]
+    extra = [n for n in ("stability", "prediction_strength", "silhouette") if n in res.scores]
     fig, axes = plt.subplots(1, 1 + len(extra), figsize=(4.2 * (1 + len(extra)), 3.4))
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, name in zip(axes, ["sse", *extra]):

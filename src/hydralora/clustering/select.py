@@ -13,14 +13,24 @@ from threadpoolctl import threadpool_limits
 
 from .features import paper_tfidf, template_lsa
 
-DEFAULT_METHOD = "lsa-stability"
+DEFAULT_METHOD = "lsa-consensus"
 METHODS = {
     "tfidf-elbow": "paper: TF-IDF, K-means per K, elbow of the SSE curve (kneed)",
     "lsa-stability": "template TF-IDF + LSA + L2, K-means; K whose clustering is most "
                      "reproducible across subsamples (mean pairwise ARI)",
+    "lsa-consensus": "template TF-IDF (terms in >= 5% of texts) + LSA 20 dims + L2, K-means; "
+                     "K maximising stability + prediction strength (Tibshirani & Walther)",
     "lsa-silhouette": "template TF-IDF + LSA + L2, K-means; K with the best silhouette",
     "lsa-elbow": "template TF-IDF + LSA + L2, K-means; elbow of the SSE curve (kneed)",
 }
+# Rule "pstrength" (largest K whose prediction strength reaches this; Tibshirani & Walther use
+# 0.8-0.9). Reported by the benchmark on the default's sweep; no method uses it by itself.
+PS_THRESHOLD = 0.7
+# Feature settings (n_components, min_df) per method when the caller gives none. lsa-consensus
+# was tuned on subset seed 0 of the BIG-bench benchmark (docs/auto-n.md): fewer, commoner
+# terms and fewer LSA dims keep K-means on the prompt templates rather than the content.
+_FEATURES = {"lsa-consensus": (20, 0.05)}
+_FEATURES_DEFAULT = (50, 0.02)
 # Above this many texts the paper's method uses MiniBatchKMeans on the full sparse matrix.
 _MINIBATCH_ABOVE = 20_000
 
@@ -34,7 +44,7 @@ class ClusteringResult:
     """Outcome of :func:`suggest_num_experts`.
 
     ``scores[name][i]`` is the score ``name`` ("sse", and for lsa-* methods also "silhouette",
-    "stability") at ``k_values[i]``. ``labels`` are the cluster ids of every text for ``k``.
+    "stability", "prediction_strength") at ``k_values[i]``. ``labels`` are the cluster ids of every text for ``k``.
     """
 
     k: int
@@ -66,8 +76,21 @@ class ClusteringResult:
 
 
 def select_k(k_values, scores: dict[str, list[float]], rule: str) -> int:
-    """Apply a selection rule ("stability", "silhouette" or "elbow") to a score curve."""
+    """Apply a selection rule ("consensus", "pstrength", "stability", "silhouette" or "elbow")
+    to a score curve."""
     ks = list(k_values)
+    if rule == "consensus":
+        s = np.asarray(scores["stability"]) + np.asarray(scores["prediction_strength"])
+        # Both must hold: the clustering is reproducible across subsamples (stability) and each
+        # cluster can be predicted from an independent half (prediction strength, whose min
+        # over clusters punishes one split task). Ties go to the larger K, as for stability.
+        return int(max(k for k, v in zip(ks, s) if v >= s.max() - 1e-3))
+    if rule == "pstrength":
+        ps = np.asarray(scores["prediction_strength"])
+        ok = [k for k, v in zip(ks, ps) if v >= PS_THRESHOLD - 1e-9]
+        # Largest K whose clusters can be predicted from an independent half of the data;
+        # if no K reaches the threshold, the K with the best prediction strength.
+        return int(max(ok)) if ok else int(ks[int(np.argmax(ps))])
     if rule == "stability":
         s = np.asarray(scores["stability"])
         # Ties (several K reproduced perfectly) go to the larger K: merging two real tasks
@@ -77,7 +100,7 @@ def select_k(k_values, scores: dict[str, list[float]], rule: str) -> int:
         return int(ks[int(np.argmax(scores["silhouette"]))])
     if rule == "elbow":
         return _elbow(ks, scores["sse"])[0]
-    raise ValueError(f"rule={rule!r}; allowed: 'stability', 'silhouette', 'elbow'")
+    raise ValueError(f"rule={rule!r}; allowed: 'consensus', 'pstrength', 'stability', 'silhouette', 'elbow'")
 
 
 def _elbow(ks, sse) -> tuple[int, bool]:
@@ -124,34 +147,44 @@ def _progress(iterable, enabled, desc):
 
 
 def suggest_num_experts(texts, k_range=range(2, 11), method: str = DEFAULT_METHOD,
-                        seed: int = 0, *, n_components: int = 50, min_df: float = 0.02,
+                        seed: int = 0, *, n_components: int | None = None,
+                        min_df: float | None = None,
                         n_init: int = 10, max_sweep_docs: int = 5000,
                         stability_rounds: int = 8, stability_fraction: float = 0.8,
-                        progress: bool | None = None) -> ClusteringResult:
+                        ps_rounds: int = 8, progress: bool | None = None) -> ClusteringResult:
     """Suggest the number of experts N for a corpus.
 
-    ``method``: "lsa-stability" (default), "tfidf-elbow" (the paper's), "lsa-silhouette",
-    "lsa-elbow"; see ``METHODS``. Deterministic for a given ``seed``.
+    ``method``: "lsa-consensus" (default), "tfidf-elbow" (the paper's), "lsa-stability",
+    "lsa-silhouette", "lsa-elbow"; see ``METHODS``. ``n_components`` / ``min_df`` (LSA dims,
+    minimum document frequency of a term) default to 20 / 0.05 for lsa-consensus and 50 / 0.02
+    for the other lsa-* methods. Deterministic for a given ``seed``.
 
     The lsa-* methods score every K on a seeded subsample of at most ``max_sweep_docs``
     texts, then label all texts with the chosen K's centroids, so time and memory stay
     bounded on large corpora. Stability: ``stability_rounds`` times, K-means is fitted on two
     random ``stability_fraction`` subsamples and the two labelings of the whole sweep sample
-    are compared by adjusted Rand index; the score is the mean.
+    are compared by adjusted Rand index; the score is the mean. Prediction strength
+    (Tibshirani & Walther 2005): ``ps_rounds`` times, the sweep sample is split into random
+    halves A and B, K-means is fitted on each; for every cluster of B, the fraction of its
+    pairs that A's centroids also put together; the minimum over B's clusters, median over
+    rounds.
     """
     t0 = time.perf_counter()
     texts, ks = _check_inputs(texts, k_range, method)
+    dflt = _FEATURES.get(method, _FEATURES_DEFAULT)
+    n_components = dflt[0] if n_components is None else int(n_components)
+    min_df = dflt[1] if min_df is None else float(min_df)
     # One thread: the sweep is many small K-means fits, and OpenMP threads on a busy 2-core
     # machine made each fit 30x slower (oversubscription), not faster.
     with threadpool_limits(1):
         res = _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_docs,
-                       stability_rounds, stability_fraction, progress)
+                       stability_rounds, stability_fraction, ps_rounds, progress)
     res.seconds = time.perf_counter() - t0
     return res
 
 
 def _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_docs,
-             stability_rounds, stability_fraction, progress) -> ClusteringResult:
+             stability_rounds, stability_fraction, ps_rounds, progress) -> ClusteringResult:
     t0 = time.perf_counter()
     n = len(texts)
     if progress is None:
@@ -185,7 +218,9 @@ def _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_do
     Zs = Z[sample]
     m = len(sample)
     sub = max(ks[-1] + 1, int(stability_fraction * m))
-    scores = {"sse": [], "silhouette": [], "stability": []}
+    scores = {"sse": [], "silhouette": [], "stability": [], "prediction_strength": []}
+    # Its own stream, so the stability scores do not depend on whether PS is computed.
+    ps_rng = np.random.default_rng([seed, 1])
     models = {}
     for k in _progress(ks, progress, "K sweep"):
         km = KMeans(k, n_init=n_init, random_state=seed).fit(Zs)
@@ -206,10 +241,32 @@ def _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_do
                 pair.append(fit.predict(Zs))
             aris.append(adjusted_rand_score(*pair))
         scores["stability"].append(float(np.mean(aris)))
+        scores["prediction_strength"].append(_prediction_strength(Zs, k, ps_rng, ps_rounds))
     k = select_k(ks, scores, method.split("-", 1)[1])
     labels = models[k].predict(Z).astype(np.int64) if m < n else models[k].labels_.astype(np.int64)
     return ClusteringResult(k, method, ks, scores, labels, time.perf_counter() - t0, n, seed,
                             notes)
+
+
+def _prediction_strength(Z, k, rng, rounds, n_init=3) -> float:
+    m = len(Z)
+    vals = []
+    for _ in range(max(1, rounds)):
+        perm = rng.permutation(m)
+        a, b = perm[: m // 2], perm[m // 2:]
+        fit_a = KMeans(k, n_init=n_init, random_state=int(rng.integers(2**31 - 1))).fit(Z[a])
+        fit_b = KMeans(k, n_init=n_init, random_state=int(rng.integers(2**31 - 1))).fit(Z[b])
+        test, pred = fit_b.labels_, fit_a.predict(Z[b])
+        per_cluster = []
+        for c in range(k):
+            members = pred[test == c]
+            n = len(members)
+            if n < 2:  # a singleton test cluster says nothing about co-membership
+                continue
+            counts = np.bincount(members)
+            per_cluster.append(float((counts * (counts - 1)).sum()) / (n * (n - 1)))
+        vals.append(min(per_cluster) if per_cluster else 0.0)
+    return float(np.median(vals))
 
 
 def resolve_num_experts(texts, **kw) -> tuple[int, dict]:
