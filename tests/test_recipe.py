@@ -103,6 +103,14 @@ def test_cli_train_eval_export(toy, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def test_numbers_from_yaml_and_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 5e-4\nr: 16\nmodel: '1e3'\n")
+    spec = build_spec({"max_steps": "7", "lora_dropout": "1e-1"}, str(path))
+    assert spec.train.learning_rate == 5e-4 and spec.train.max_steps == 7 and spec.train.model == "1e3"
+    assert spec.adapter["r"] == 16 and spec.adapter["lora_dropout"] == 0.1
+
+
 def test_bad_config_keys_and_values(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['rank'\]"):
         build_spec({"rank": 8})

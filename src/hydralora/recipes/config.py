@@ -79,6 +79,12 @@ DEFAULT_ADAPTER = {
 }
 
 
+TEXT_FIELDS = {
+    "model", "data", "eval_data", "output_dir", "method", "schedule", "lr_scheduler_type", "device", "eval_routing",
+    "auto_n_method", "bias", "router_input", "balance_loss", "init_b", "routing",
+}
+
+
 def _coerce(name: str, value: Any, current: Any) -> Any:
     """Command-line override strings -> the type of the field's current value."""
     if not isinstance(value, str):
@@ -91,8 +97,14 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
         if name == "bf16" and value == "auto":
             return value
         raise ValueError(f"{name}={value!r} is invalid: expected true or false.")
-    parsed = yaml.safe_load(value)
-    return parsed
+    if name in TEXT_FIELDS:
+        return value
+    for cast in (int, float):  # YAML 1.1 reads "5e-4" as a string
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return yaml.safe_load(value)
 
 
 def build_spec(overrides: Optional[dict[str, Any]] = None, config_file: Optional[str] = None) -> RunSpec:
