@@ -20,7 +20,7 @@ ADAPTER_FIELDS = tuple(
 )
 # Per schedule: values used for the fields the user left unset (None).
 SCHEDULE_DEFAULTS = {
-    "cpu": {"max_steps": 60, "eval_max_per_task": 12, "per_device_batch_size": 8, "max_seq_length": 192},
+    "cpu": {"max_steps": 140, "eval_max_per_task": 24, "per_device_batch_size": 8, "max_seq_length": 192},
     "gpu": {"max_steps": 600, "eval_max_per_task": 100, "per_device_batch_size": 16, "max_seq_length": 512},
 }
 
@@ -35,7 +35,7 @@ class TrainConfig:
     method: str = field(default="hydralora", metadata={"help": f"One of {METHODS}."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Run directory; None = runs/<method>-<time>. Never overwritten unless resume."})
     schedule: str = field(default="auto", metadata={"help": "'cpu' (<= 10 min on 2 cores), 'gpu' (full), or 'auto' (by device)."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     per_device_batch_size: Optional[int] = field(default=None, metadata={"help": "Batch size per device (None: schedule)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_steps: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (None: schedule)."})

@@ -70,12 +70,14 @@ def plot_routing(routing: dict[str, dict[str, list[float]]], path: Path) -> bool
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 0.35 * len(tasks) + 1.5), squeeze=False)
     for ax, g in zip(axes[0], groups):
         mat = np.array([routing[t][g] for t in tasks])
-        im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, mat.max()))
+        # Centre the colour scale on the uniform gate 1/N, so a near-uniform router reads as such.
+        spread = max(1e-6, float(np.abs(mat - 1.0 / mat.shape[1]).max()))
+        im = ax.imshow(mat, aspect="auto", cmap="RdBu_r", vmin=1.0 / mat.shape[1] - spread, vmax=1.0 / mat.shape[1] + spread)
         ax.set_xticks(range(mat.shape[1]), [f"E{i}" for i in range(mat.shape[1])])
         ax.set_yticks(range(len(tasks)), tasks if ax is axes[0][0] else [""] * len(tasks))
         ax.set_title(f"{g} layers")
         fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle("Mean router weight per expert, per task")
+    fig.suptitle("Mean router weight per expert, per task (white = uniform 1/N)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
