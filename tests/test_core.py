@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import peft
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model

@@ -7,7 +7,6 @@ from typing import Any
 import peft
 from peft import LoraConfig
 
-from .. import set_routing
 from ..routing import hydra_layers
 from ..tuner.config import HydraLoraConfig
 
@@ -50,5 +49,3 @@ def uses_router(method: str) -> bool:
 def is_hydra(method: str) -> bool:
     return method != "lora"
 
-
-__all__ = ["build_model", "peft_config_for", "uses_router", "is_hydra", "set_routing"]
