@@ -176,3 +176,20 @@ def randomize_(tensors: Iterable[torch.Tensor], std: float = 0.02, seed: int = 0
     with torch.no_grad():
         for t in tensors:
             t.copy_((torch.randn(t.shape, generator=gen) * std).to(t.dtype))
+
+
+def random_llama(cfg, dev, dt, seed: int):
+    """A frozen LlamaForCausalLM with random weights, built directly on `dev` in dtype `dt` (SDPA attention)."""
+    from transformers import LlamaForCausalLM
+
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.requires_grad_(False)
+    return model

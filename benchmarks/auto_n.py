@@ -29,15 +29,9 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from hydralora.clustering import select_k, suggest_num_experts
+from hydralora.data.bigbench import BBH_SOURCE_TASKS
 
-BBH_TASKS = [
-    "causal_judgment", "date_understanding", "disambiguation_qa", "dyck_languages",
-    "formal_fallacies_syllogisms_negation", "geometric_shapes", "hyperbaton",
-    "logical_deduction", "movie_recommendation", "navigate", "object_counting",
-    "penguins_in_a_table", "reasoning_about_colored_objects", "ruin_names",
-    "salient_translation_error_detection", "snarks", "sports_understanding",
-    "temporal_sequences", "tracking_shuffled_objects", "word_sorting",
-]
+BBH_TASKS = list(BBH_SOURCE_TASKS)
 
 
 def tasks_root(bigbench_dir: str) -> Path:

@@ -27,20 +27,10 @@ SHAPES = {
 
 
 def make_model(name, dev, dt, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dt)
-    try:
-        with torch.device(dev):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.requires_grad_(False)
-    return model.eval()
+    return C.random_llama(cfg, dev, dt, seed).eval()
 
 
 def gen_time(model, ids, n_new, dev, repeats):

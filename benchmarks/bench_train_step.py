@@ -18,7 +18,7 @@ from authors_formulation import apply_authors, restore_authors
 
 
 def make_model(args, dev, dt):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     if args.small:
         cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=8,
@@ -26,17 +26,7 @@ def make_model(args, dev, dt):
     else:
         cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                           num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=4096)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(args.seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dt)
-    try:
-        with torch.device(dev):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.requires_grad_(False)
-    return model
+    return C.random_llama(cfg, dev, dt, args.seed)
 
 
 def attach(variant, model, targets, args):
