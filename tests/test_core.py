@@ -414,3 +414,10 @@ def test_auto_peft_model_loads_from_a_saved_folder(tmp_path):
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
     inputs = batch("llama")
     torch.testing.assert_close(out(loaded, inputs), out(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_all_linear_skips_the_output_head_and_exclude_modules_is_honoured():
+    model = get_peft_model(make_model("llama"), HydraLoraConfig(target_modules="all-linear", exclude_modules=["down_proj"]))
+    names = [n for n, _ in hydralora.hydra_layers(model)]
+    assert names and not any(n.endswith("lm_head") or n.endswith("down_proj") for n in names)
+    assert any(n.endswith("gate_proj") for n in names)
