@@ -46,7 +46,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", help="Base model; default: the run's model or the adapter's base_model_name_or_path.")
     p.add_argument("--routing", choices=("token", "sequence", "fixed"), default="token")
     p.add_argument("--gate", default="mean", help="Gate for --routing fixed: mean | usage | INDEX | w1,w2,...")
-    p.add_argument("--max-per-task", type=int, default=0, help="Cap held-out examples per task (0: all).")
+    p.add_argument("--max-per-task", type=int, default=None,
+                   help="Cap held-out examples per task (0: all; default: all with --data, else the run's own cap, so scores compare).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-base", action="store_true", help="Skip the base model's score.")
     p.add_argument("--device", default="auto")
@@ -101,7 +102,8 @@ def _run_eval(args) -> int:
     else:
         data = resolve_data_path(run.get("data", "bundled"))
         _, examples = split_examples(list(load_examples(data, tokenizer=tok)), int(run.get("seed", 42)))
-    examples = cap_per_task(examples, args.max_per_task)
+    cap = args.max_per_task if args.max_per_task is not None else (0 if args.data else int(run.get("eval_max_per_task") or 0))
+    examples = cap_per_task(examples, cap)
     kw = {"batch_size": args.batch_size, "max_new_tokens": int(run.get("max_new_tokens", 24)), "device": device,
           "use_chat_template": use_chat, "max_length": int(run.get("max_seq_length") or 1024)}
     result = {"adapter": args.adapter, "routing": args.routing}
