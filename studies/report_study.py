@@ -52,7 +52,9 @@ def tables(data: dict) -> tuple[str, dict]:
         means = [r["adapted"]["mean_accuracy"] for r in runs]
         summary[n] = {"mean": float(np.mean(means)), "std": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
                       "seeds": len(runs), "params": runs[0]["trainable_params"], "num_experts": runs[0].get("num_experts")}
-        lines.append(f"| {n} | {runs[0]['trainable_params']:,} | {runs[0].get('num_experts') or '-'} | {len(runs)} | "
+        params = sorted({r["trainable_params"] for r in runs})
+        experts = sorted({r.get("num_experts") or 0 for r in runs})
+        lines.append(f"| {n} | {' / '.join(f'{p:,}' for p in params)} | {' / '.join(map(str, experts)) if experts != [0] else '-'} | {len(runs)} | "
                      + " | ".join(per_task) + f" | **{mean_std(means)}** | {np.mean([r['train_seconds'] for r in runs]):.0f} |")
     return "\n".join(lines), {"summary": summary, "base": base, "tasks": tasks}
 
