@@ -184,15 +184,3 @@ def _analyze(args) -> int:
     (out / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out / 'analysis.json'}, {out / 'labels.jsonl'}, {out / 'elbow.png'}")
     return 0
-
-
-def main(argv=None) -> int:
-    """Standalone entry (``python -m hydralora.clustering.cli analyze ...``)."""
-    parser = argparse.ArgumentParser(prog="hydralora")
-    add_analyze_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

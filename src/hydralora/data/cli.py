@@ -99,15 +99,3 @@ def _print_summary(table: dict) -> None:
         kind = counts.get("kind")
         rest = ", ".join(f"{k}={v}" for k, v in counts.items() if k != "kind")
         print(f"  {task} ({kind}): {rest}")
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (``python -m hydralora.data.cli``) for use before the top CLI exists."""
-    parser = argparse.ArgumentParser(prog="hydralora")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -250,16 +250,8 @@ def hydra_delta_fused(
     'triton' or 'torch'. Returns (out (..., d), raw router logits (..., N) fp32, gate (..., N) fp32); the logits
     carry gradient (for a balance loss), the gate does not.
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
     res2 = result.reshape(-1, result.shape[-1])
-    out, raw, gate = _HydraFused.apply(
-        x2, res2, None, None, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend
-    )
-    n = W_g.shape[0]
-    return out.view(*lead, out.shape[-1]), raw.view(*lead, n), gate.view(*lead, n)
+    return _apply_2d(x, res2, None, None, A, W_g, B, scaling, temperature, dropout_p, training, backend)
 
 
 def hydra_linear_fused(
@@ -282,12 +274,17 @@ def hydra_linear_fused(
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("hydra_linear_fused needs a frozen base weight and bias.")
+    return _apply_2d(x, None, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend)
+
+
+def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend):
+    """Flatten x to (T, k), run the Function, and give the results x's leading shape back."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     out, raw, gate = _HydraFused.apply(
-        x2, None, weight, bias, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend
+        x2, res2, weight, bias, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend
     )
     n = W_g.shape[0]
     return out.view(*lead, out.shape[-1]), raw.view(*lead, n), gate.view(*lead, n)
