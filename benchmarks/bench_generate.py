@@ -96,8 +96,11 @@ def main():
         hm.eval()
         measure("ours token (eager)", hm)
         if cuda:
-            with C.fused_dispatch(True):
-                measure("ours token (fused)", hm)
+            try:
+                with C.fused_dispatch(True):
+                    measure("ours token (fused)", hm)
+            except Exception as err:  # a failing kernel is reported, not fatal
+                print(f"ours token (fused) failed: {type(err).__name__}: {err}", flush=True)
         merged = hydralora.merge_and_unload(hm, "mean")
         measure("ours merged (gate mean)", merged)
         del model, hm, merged, pm

@@ -91,6 +91,8 @@ def main():
     p.add_argument("--variants", default=None, help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the CPU target is for 2)")
     p.add_argument("--compile", action="store_true", help="include torch.compile on CPU too (slow to compile)")
+    p.add_argument("--inference", action="store_true",
+                   help="forward only, eval mode, no grad (decode-like with --tokens 1: per-call overhead)")
     args = p.parse_args()
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
@@ -112,7 +114,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    x = torch.randn(T, k, generator=gen).to(dev, dt).requires_grad_()
+    x = torch.randn(T, k, generator=gen).to(dev, dt).requires_grad_(not args.inference)
     dy = torch.randn(T, d, generator=gen).to(dev, dt)
     rows, steps = [], {}
     for v in variants:  # build, measure memory and warm up every variant first
@@ -120,9 +122,13 @@ def main():
         rows.append(row)
         try:
             layer, trainable = build(v.replace(" (again)", ""), k, d, dev, dt, args)
-            layer.train()
+            layer.train(not args.inference)
 
             def step(layer=layer, trainable=trainable):
+                if args.inference:
+                    with torch.no_grad():
+                        layer(x)
+                    return
                 out = layer(x)
                 out.backward(dy)
                 x.grad = None
@@ -165,7 +171,7 @@ def main():
     if cuda:
         cols.append(("extra_mib", "fwd+bwd peak extra MiB", 0))
     info = C.env_info(dev)
-    title = f"Layer fwd+bwd: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
+    title = f"Layer {'forward (inference)' if args.inference else 'fwd+bwd'}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
             f"{info.get('gpu', info.get('cpu'))}"
     table = C.print_table(rows, cols, title)
     ours = next((r for r in rows if r["variant"] == "ours eager" and "ms" in r), None)

@@ -20,8 +20,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# The same target modules, steps, learning rate and data order (seed) for every method.
-COMMON = {"target_modules": "all-linear", "lora_dropout": 0.05, "learning_rate": 5e-4, "schedule": "gpu"}
+# The study's mixture: 12 BBH-source BIG-bench tasks (10 multiple choice, 2 generative), up to 300 train and
+# 60 held-out test examples each, built with `hydralora data bigbench` (the command is in studies/data/NOTICE).
+STUDY_DATA = Path(__file__).resolve().parent / "data" / "bbh12.jsonl"
+# The same data, target modules, steps, learning rate and data order (seed) for every method.
+COMMON = {"data": str(STUDY_DATA), "target_modules": "all-linear", "lora_dropout": 0.05, "learning_rate": 5e-4,
+          "schedule": "gpu"}
 PARTS = {
     # Table 3 / Table 5 of the paper: baselines, HydraLoRA with N from the corpus, and its ablations.
     "main": {

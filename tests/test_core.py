@@ -345,6 +345,27 @@ def test_expert_usage_statistics():
         torch.testing.assert_close(u.sum(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("extra", [{}, {"init_b": "rlora"}], ids=["default", "rlora"])
+def test_no_grad_outputs_follow_in_place_weight_updates(extra):
+    """Derived weights reused under no_grad (eval, generate) are rebuilt when a parameter changes in place
+    (optimizer step, load_state_dict): no stale result, and the same numbers as with grad enabled."""
+    _, model = build("llama", extra)
+    inputs = batch("llama")
+    before = out(model, inputs)  # fills the no-grad reuse
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hydralora_B" in name or "hydralora_router" in name or "hydralora_A" in name:
+                p.mul_(1.5)
+    after = out(model, inputs)
+    assert not torch.allclose(before, after)
+    with torch.enable_grad():
+        torch.testing.assert_close(after, model(**inputs).logits.detach())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    randomize_adapters(model, seed=5)
+    model.load_state_dict(state)
+    torch.testing.assert_close(out(model, inputs), after)
+
+
 def test_trainer_steps_lower_the_loss(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments

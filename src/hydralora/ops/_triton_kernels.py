@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 # Hash constants, written as signed int32 bit patterns (see fused._keep_mask_torch for the same function).
-_GOLD = -1640531535  # 0x9E3779B1
-_C1 = 2146121005  # 0x7FEB352D
-_C2 = -2073254261  # 0x846CA68B
+_GOLD = tl.constexpr(-1640531535)  # 0x9E3779B1 (constexpr: Triton jit code may read only constexpr globals)
+_C1 = tl.constexpr(2146121005)  # 0x7FEB352D
+_C2 = tl.constexpr(-2073254261)  # 0x846CA68B
 
 
 @triton.jit

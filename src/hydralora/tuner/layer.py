@@ -80,6 +80,7 @@ class HydraLoraLayer(BaseTunerLayer):
         self.last_aux_loss: dict[str, Optional[torch.Tensor]] = {}
         self.usage_sum: dict[str, torch.Tensor] = {}  # name -> (N,) summed gate weights
         self.usage_tokens: dict[str, torch.Tensor] = {}  # name -> () number of tokens seen
+        self._weight_cache: dict[str, tuple] = {}  # derived weights reused while no graph is recorded
 
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
@@ -162,8 +163,11 @@ class HydraLoraLayer(BaseTunerLayer):
 
     def _token_probs(self, adapter_name: str, logits: torch.Tensor) -> torch.Tensor:
         """Router softmax in fp32. logits: (..., N) -> (..., N)."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
-        return torch.softmax(logits / self.hconfig[adapter_name].router_temperature, dim=-1)
+        dt = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+        t = self.hconfig[adapter_name].router_temperature
+        if t != 1.0:
+            logits = logits.to(dt) / t
+        return torch.softmax(logits, dim=-1, dtype=dt)  # the upcast happens inside the softmax kernel
 
     def _mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The (B, T) real-token mask of the running model call, if it matches x's leading dims."""
@@ -261,7 +265,9 @@ class HydraLoraLayer(BaseTunerLayer):
         dropout_active = self.training and not isinstance(drop, nn.Identity)
         if cfg.router_input == "x" and not dropout_active:
             # One GEMM for A and the router: both read the same x.
-            hl = F.linear(x, torch.cat([A, W_g], 0))  # (..., m+N)
+            srcs = (self.hydralora_A[adapter_name], W_g, *(self._init_offset(adapter_name) or ())[:1])
+            AW = self._eval_cached(adapter_name + ".AW", srcs, lambda: torch.cat([A, W_g], 0))  # (m+N, k)
+            hl = F.linear(x, AW)  # (..., m+N)
             return hl[..., :m], hl[..., m:]
         if cfg.expert_dropout and dropout_active:
             xe = drop(x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]))  # (..., N, k): one mask per expert
@@ -293,15 +299,19 @@ class HydraLoraLayer(BaseTunerLayer):
         self.last_aux_loss[adapter_name] = aux
         if cfg.track_usage:
             with torch.no_grad():
-                g = gate.detach().reshape(-1, n)  # (T', N)
-                if keep is not None:
-                    g = g[keep]
-                s, t = g.sum(0), torch.tensor(float(g.shape[0]), device=g.device)
+                # Weighted sums, not boolean indexing, and a host-side count: no device sync, no host-to-device copy.
+                g = gate.detach().reshape(-1, n)  # (T, N)
+                if keep is None:
+                    s, t = g.sum(0), float(g.shape[0])  # (N,), host float
+                else:
+                    w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
+                    s, t = (g * w).sum(0), w.sum()  # (N,), ()
                 if adapter_name in self.usage_sum and self.usage_sum[adapter_name].device == s.device:
                     self.usage_sum[adapter_name] += s
                     self.usage_tokens[adapter_name] += t
                 else:
-                    self.usage_sum[adapter_name], self.usage_tokens[adapter_name] = s, t
+                    self.usage_sum[adapter_name] = s
+                    self.usage_tokens[adapter_name] = torch.zeros((), device=s.device, dtype=s.dtype) + t
 
     def hydra_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + (alpha/r) sum_i w_i B_i A dropout(x), all experts in one GEMM. x: (..., k), result: (..., d)."""
@@ -316,23 +326,44 @@ class HydraLoraLayer(BaseTunerLayer):
         h, logits = self._project(adapter_name, x, A)  # (..., m) | (..., N, m), (..., N)
         gate = self._gate(adapter_name, logits, x)  # (..., N) fp32
         self._record(adapter_name, logits, gate, x)
-        gs = (gate * self.scaling[adapter_name]).to(h.dtype)  # (..., N): scaling folded into the gate
+        gs = gate.to(h.dtype)  # (..., N)
         if not self.hconfig[adapter_name].shared_a:
             h = h.reshape(*h.shape[:-1], n, r)  # (..., N, r): expert i reads its own A_i x
         hn = h.unsqueeze(-2) if h.dim() == gs.dim() else h  # (..., 1|N, m)
         z = gs.unsqueeze(-1) * hn[..., :r]  # (..., N, r)
         z = z.reshape(*z.shape[:-2], n * r)  # (..., N*r)
-        B_flat = B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*r), expert-major along the rank
+        # (d, N*r), expert-major along the rank; rebuilt only when B changes while no graph is recorded
+        B_flat = self._eval_cached(adapter_name + ".B", (B,), lambda: B.permute(1, 0, 2).reshape(d, n * r))
         if offset is not None:
             z0 = gs.unsqueeze(-1) * hn[..., r:]  # (..., N, r)
             z = torch.cat([z, -z0.reshape(*z0.shape[:-2], n * r)], -1)  # (..., 2*N*r)
             B0_flat = offset[1].to(B.dtype).permute(1, 0, 2).reshape(d, n * r)  # (d, N*r)
             B_flat = torch.cat([B_flat, B0_flat], 1)  # (d, 2*N*r)
+        scaling = self.scaling[adapter_name]
         if result.dtype == z.dtype and result.is_contiguous():
-            # Fuse the residual add into the GEMM epilogue: y is read once, not again by a separate add.
-            out = torch.addmm(result.reshape(-1, d), z.reshape(-1, z.shape[-1]), B_flat.t())  # (T, d)
+            # Residual add and alpha/r in the GEMM epilogue: y is read once, and no separate scaling op runs.
+            out = torch.addmm(result.reshape(-1, d), z.reshape(-1, z.shape[-1]), B_flat.t(), alpha=scaling)  # (T, d)
             return out.view(result.shape)
-        return result + F.linear(z, B_flat).to(result.dtype)  # (..., d)
+        return result + (F.linear(z, B_flat) * scaling).to(result.dtype)  # (..., d)
+
+    def _eval_cached(self, key: str, params: tuple[torch.Tensor, ...], build):
+        """build() once per weight version while no autograd graph is recorded (generation, eval).
+
+        Parameters change only in place (optimizer steps, load_state_dict) or by moving, which bump `_version` or
+        change `data_ptr`; either invalidates the entry. With grad enabled nothing is cached (the graph is needed).
+        """
+        if torch.is_grad_enabled():
+            return build()
+        try:
+            stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        except RuntimeError:  # inference tensors keep no version counter: do not cache
+            return build()
+        hit = self._weight_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = build()
+        self._weight_cache[key] = (stamp, value)
+        return value
 
     def _usage(self, adapter_name: str) -> Optional[torch.Tensor]:
         if adapter_name not in self.usage_sum:
