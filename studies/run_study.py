@@ -4,9 +4,9 @@ Runs are independent processes started side by side on one GPU (the 135M model l
 whole study fits a short budget; each run writes its own run directory, so an interrupted study resumes by
 skipping runs whose metrics.json exists. Raw results land in OUT/<part>/<config>/seed<k>/metrics.json.
 
-    python studies/run_study.py --out results/study --part main --workers 8
-    python studies/run_study.py --out results/study --part sweep --workers 8
-    python studies/run_study.py --out results/study --part obs2 --workers 8
+    python studies/run_study.py --out results/study --part main --workers 5
+    python studies/run_study.py --out results/study --part sweep --workers 5
+    python studies/run_study.py --out results/study --part obs2 --workers 5
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, ex
     run_dir = out / part / name / f"seed{seed}"
     if (run_dir / "metrics.json").is_file():
         return {"run": str(run_dir), "skipped": True}
+    if run_dir.exists():  # an earlier try that did not finish: keep it aside (train never overwrites a folder)
+        aside = next(run_dir.with_name(f"{run_dir.name}.failed-{i}") for i in range(1, 10**6)
+                     if not run_dir.with_name(f"{run_dir.name}.failed-{i}").exists())
+        run_dir.rename(aside)
+        if Path(str(run_dir) + ".log").exists():
+            Path(str(run_dir) + ".log").rename(str(aside) + ".log")
+        log(f"{part}/{name}/seed{seed}: unfinished folder moved to {aside.name}")
     sets = {**COMMON, **overrides, "seed": seed, "eval_base": (part, name, seed) == BASE_EVAL, "report": True, **(extra or {})}
     cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run_dir)]
     for k, v in sets.items():
@@ -72,17 +79,37 @@ def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, ex
     return result
 
 
+GIB_PER_RUN = 14  # measured peak of one SmolLM2 run at the gpu schedule was 8-12 GiB; 11 runs ran an H100 out of memory
+
+
+def _fit_workers(workers: int) -> int:
+    """Cap the number of side-by-side runs to what the GPU's memory holds (the first study call OOMed at 11)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return workers
+        fit = max(1, int(torch.cuda.get_device_properties(0).total_memory / 2**30 // GIB_PER_RUN))
+    except Exception:  # no torch / no driver: leave the request as it is
+        return workers
+    if workers > fit:
+        print(f"--workers {workers} does not fit the GPU ({GIB_PER_RUN} GiB per run): running {fit} at a time", flush=True)
+    return min(workers, fit)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/study")
     ap.add_argument("--part", choices=sorted(PARTS) + ["obs2"], required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=5,
+                    help="Runs side by side on the GPU; each SmolLM2 run peaks at 8-12 GiB (capped to fit the card).")
     ap.add_argument("--only", nargs="*", help="Run only these config names.")
     ap.add_argument("--iid-task", help="obs2: the task split into two IID halves (default: sports_understanding).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Override a recipe field in every run (e.g. model=..., max_steps=...; used by the toy test).")
     args = ap.parse_args()
+    args.workers = _fit_workers(args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = dict(item.split("=", 1) for item in args.set)

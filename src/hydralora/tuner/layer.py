@@ -14,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from transformers.pytorch_utils import Conv1D
 
 from ..ops import layer_fused_supported, layer_hydra_delta_fused
+from ..ops.project import dropout_project, use_dropout_project
 from .config import HydraLoraConfig
 
 ROUTING_MODES = ("token", "sequence", "fixed")
@@ -274,6 +275,9 @@ class HydraLoraLayer(BaseTunerLayer):
             h = F.linear(xe, A)  # (..., N, m)
             src = x if cfg.router_input == "x" else F.linear(x, A[:r])  # (..., k) or (..., r)
             return h, F.linear(src, W_g)  # (..., N, m), (..., N)
+        if cfg.router_input == "x" and isinstance(drop, nn.Dropout) and use_dropout_project(x):
+            # Keeps x and the mask for backward, not also the dropped copy of x (hydralora.ops.project).
+            return dropout_project(x, A, W_g, drop.p)  # (..., m), (..., N)
         h = F.linear(drop(x), A)  # (..., m)
         src = x if cfg.router_input == "x" else h[..., :r]  # (..., k) or (..., r)
         return h, F.linear(src, W_g)  # (..., m), (..., N)
