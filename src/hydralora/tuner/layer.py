@@ -355,6 +355,8 @@ class HydraLoraLayer(BaseTunerLayer):
 
         Parameters change only in place (optimizer steps, load_state_dict) or by moving, which bump `_version` or
         change `data_ptr`; either invalidates the entry. With grad enabled nothing is cached (the graph is needed).
+        Sharded engines that rewrite a parameter's storage without an in-place op (not seen with DDP; unverified
+        for FSDP evaluation between steps) would defeat the stamp: `layer._weight_cache.clear()` resets it.
         """
         if torch.is_grad_enabled():
             return build()
