@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Optional, Sequence, Union
@@ -253,10 +254,11 @@ class HydraLoraLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------------------
     # forward pieces
-    def _project(self, adapter_name: str, x: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(self, adapter_name: str, x: torch.Tensor, A: torch.Tensor,
+                 offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h = A dropout(x) and the router logits, computed once per token.
 
-        x: (..., k); A: (m, k) with m = r, or 2r with the R-LoRA offset stacked under it (same dropout mask).
+        x: (..., k); A: (m, k) with m = r, or 2r with the R-LoRA offset (A0, B0) stacked under it (same mask).
         Returns h (..., m) or (..., N, m) with per-expert dropout, and logits (..., N).
         """
         cfg = self.hconfig[adapter_name]
@@ -266,7 +268,7 @@ class HydraLoraLayer(BaseTunerLayer):
         dropout_active = self.training and not isinstance(drop, nn.Identity)
         if cfg.router_input == "x" and not dropout_active:
             # One GEMM for A and the router: both read the same x.
-            srcs = (self.hydralora_A[adapter_name], W_g, *(self._init_offset(adapter_name) or ())[:1])
+            srcs = (self.hydralora_A[adapter_name], W_g, *(offset or ())[:1])
             AW = self._eval_cached(adapter_name + ".AW", srcs, lambda: torch.cat([A, W_g], 0))  # (m+N, k)
             hl = F.linear(x, AW)  # (..., m+N)
             return hl[..., :m], hl[..., m:]
@@ -302,7 +304,7 @@ class HydraLoraLayer(BaseTunerLayer):
             return
         self.last_aux_loss[adapter_name] = aux
         if cfg.track_usage:
-            with torch.no_grad():
+            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
                 # Weighted sums, not boolean indexing, and a host-side count: no device sync, no host-to-device copy.
                 g = gate.detach().reshape(-1, n)  # (T, N)
                 if keep is None:
@@ -327,7 +329,7 @@ class HydraLoraLayer(BaseTunerLayer):
         offset = self._init_offset(adapter_name)
         if offset is not None:
             A = torch.cat([A, offset[0].to(A.dtype)], 0)  # (2r, k): the frozen initial A shares x's dropout mask
-        h, logits = self._project(adapter_name, x, A)  # (..., m) | (..., N, m), (..., N)
+        h, logits = self._project(adapter_name, x, A, offset)  # (..., m) | (..., N, m), (..., N)
         gate = self._gate(adapter_name, logits, x)  # (..., N) fp32
         self._record(adapter_name, logits, gate, x)
         gs = gate.to(h.dtype)  # (..., N)
