@@ -44,6 +44,7 @@ PARTS = {
         "hydralora-top2": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "top_k": 2},
         "hydralora-balance": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "balance_loss_coef": 0.01},
         "hydralora-router-ax": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "router_input": "lora_a"},
+        "hydralora-loraplus16": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "loraplus_lr_ratio": 16},
     },
 }
 BASE_EVAL = ("main", "lora-r8", 0)  # the base model is scored once, in this run

@@ -120,6 +120,39 @@ def test_bad_config_keys_and_values(tmp_path):
         build_spec({"max_steps": 0})
 
 
+def test_loraplus_ratio_gives_every_expert_b_its_own_learning_rate(toy, tmp_path):
+    """loraplus_lr_ratio: B (the stacked experts) at ratio x lr through PEFT's LoRA+ optimizer; A and router at lr."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from hydralora import HydraLoraConfig
+    from hydralora.recipes.train import HydraTrainer
+
+    spec = build_spec({"loraplus_lr_ratio": "8", "learning_rate": "1e-3"})
+    assert spec.train.loraplus_lr_ratio == 8.0
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(toy / "model"),
+                           HydraLoraConfig(r=4, num_experts=2, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[], use_cpu=True)
+    trainer = HydraTrainer(model=model, args=args, loraplus_lr_ratio=spec.train.loraplus_lr_ratio)
+    opt = trainer.create_optimizer()
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert named and len(lr_of) == len(named)
+    for name, p in named.items():
+        assert lr_of[id(p)] == pytest.approx(8e-3 if "hydralora_B" in name else 1e-3), name
+    plain = HydraTrainer(model=model, args=args).create_optimizer()
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}
+    for bad in ("0", "-2", "true"):
+        with pytest.raises(ValueError, match="loraplus_lr_ratio="):
+            build_spec({"loraplus_lr_ratio": bad})
+
+
+def test_loraplus_run_trains_end_to_end(toy, tmp_path):
+    metrics = run_train(toy_spec(toy, tmp_path / "run", max_steps=2, loraplus_lr_ratio=4, report=False, eval_base=False))
+    assert metrics["train_loss"] > 0 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loraplus_lr_ratio"] == 4
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_loads(path):
     import yaml

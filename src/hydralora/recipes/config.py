@@ -41,6 +41,7 @@ class TrainConfig:
     max_steps: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (None: schedule)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear warm-up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    loraplus_lr_ratio: Optional[float] = field(default=None, metadata={"help": "LoRA+: B (for HydraLoRA every expert's B) learns at this multiple of learning_rate (peft.optimizers.create_loraplus_optimizer); None: one learning rate."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
     max_seq_length: Optional[int] = field(default=None, metadata={"help": "Tokens per example; the prompt is cut from the left."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data order and dropout."})
@@ -150,6 +151,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1.")
     if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0):
         raise ValueError(f"learning_rate={cfg.learning_rate!r} is invalid: must be a number > 0.")
+    ratio = cfg.loraplus_lr_ratio
+    if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0):
+        raise ValueError(f"loraplus_lr_ratio={ratio!r} is invalid: must be a number > 0 (LoRA+ uses about 16), or null.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={cfg.device!r} is invalid: allowed are auto, cpu, cuda.")
 

@@ -23,11 +23,28 @@ RUN_FILE = "hydralora_run.json"
 
 
 class HydraTrainer(Trainer):
-    """Trainer that also logs the router's balance loss (before its coefficient) next to the loss."""
+    """Trainer that also logs the router's balance loss (before its coefficient) next to the loss, and builds a LoRA+
+    optimizer (B at `loraplus_lr_ratio` x the learning rate) when asked."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loraplus_lr_ratio: float | None = None, **kwargs):
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(*args, **kwargs)
         self._aux_sum, self._aux_n = 0.0, 0
+
+    def create_optimizer(self, model=None):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        # Called by Trainer after any FSDP/DDP wrapping, like the stock method; PEFT groups parameters whose name
+        # holds "lora_B", which "hydralora_B" does.
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = dict(kwargs)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=lr, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
@@ -240,7 +257,8 @@ def run_train(spec: RunSpec) -> dict:
     from transformers.integrations import TensorBoardCallback
 
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
-    trainer = HydraTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[tensorboard])
+    trainer = HydraTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[tensorboard],
+                           loraplus_lr_ratio=cfg.loraplus_lr_ratio)
     resume = None
     if cfg.resume:
         ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
