@@ -16,29 +16,10 @@ from hydralora.data import (IGNORE_INDEX, DataError, Example, SFTCollator, SFTDa
 from hydralora.data import bigbench
 from hydralora.data.cli import add_data_parser
 
+from conftest import tiny_tokenizer
+
 CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:\n{% endif %}")
-
-
-def tiny_tokenizer(chat_template: str | None = None):
-    """A byte-level BPE tokenizer trained on a few sentences: offline and fast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = ["Q: How many apples do I have?\nA: three", "plausible implausible True False",
-              "Sort the following words alphabetically: apple banana cherry",
-              "user: hello\nassistant: hi there"] * 4
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>",
-                                  bos_token="<bos>", unk_token="<unk>")
-    if chat_template:
-        tok.chat_template = chat_template
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,7 @@ from hydralora.data.collate import encode_continuation, encode_prompt
 from hydralora.eval import (choice_loglikelihoods, evaluate, format_table, generate_answers,
                             normalize_answer)
 
-CORPUS = ["Q: How many apples do I have?\nA: three", "plausible implausible True False",
-          "Sort the following words alphabetically: apple banana cherry"] * 4
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>",
-                                   bos_token="<bos>", unk_token="<unk>")
+from conftest import tiny_tokenizer
 
 
 def tiny_llama(vocab_size: int):
