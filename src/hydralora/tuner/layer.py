@@ -305,7 +305,7 @@ class HydraLoraLayer(BaseTunerLayer):
         self.last_aux_loss[adapter_name] = aux
         if cfg.track_usage:
             with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                # Weighted sums, not boolean indexing, and a host-side count: no device sync, no host-to-device copy.
+                # Weighted sums, not boolean indexing (no device sync); without a mask the count stays on the host.
                 g = gate.detach().reshape(-1, n)  # (T, N)
                 if keep is None:
                     s, t = g.sum(0), float(g.shape[0])  # (N,), host float
