@@ -49,6 +49,7 @@ class TrainConfig:
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume with --resume)."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
     bf16: Union[bool, str] = field(default="auto", metadata={"help": "bf16 training: true/false/'auto' (on CUDA with bf16 support)."})
+    response_logits_only: bool = field(default=True, metadata={"help": "Project onto the vocabulary only the positions whose next token is scored (same loss, far smaller logits); the full path where the model's forward lacks logits_to_keep."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Non-reentrant activation checkpointing."})
     use_chat_template: bool = field(default=False, metadata={"help": "Render prompts with the tokenizer's chat template."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip malformed data rows (counted) instead of failing."})
@@ -90,7 +91,7 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
     """Command-line override strings -> the type of the field's current value."""
     if not isinstance(value, str):
         return value
-    if isinstance(current, bool) or name in {"resume", "gradient_checkpointing", "use_chat_template", "skip_bad_rows", "report", "eval_base", "expert_dropout", "shared_a", "track_usage"}:
+    if isinstance(current, bool) or name in {"resume", "gradient_checkpointing", "response_logits_only", "use_chat_template", "skip_bad_rows", "report", "eval_base", "expert_dropout", "shared_a", "track_usage"}:
         if value.lower() in {"true", "1", "yes"}:
             return True
         if value.lower() in {"false", "0", "no"}:

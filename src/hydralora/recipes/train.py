@@ -18,18 +18,22 @@ from ..data.collate import SFTCollator, SFTDataset, render_prompt
 from ..data.formats import Example, load_examples
 from .config import RunSpec, apply_schedule
 from .methods import build_model, is_hydra, uses_router
+from .response_logits import keep_response_logits, logits_to_keep_support
 
 RUN_FILE = "hydralora_run.json"
 
 
 class HydraTrainer(Trainer):
-    """Trainer that also logs the router's balance loss (before its coefficient) next to the loss, and builds a LoRA+
-    optimizer (B at `loraplus_lr_ratio` x the learning rate) when asked."""
+    """Trainer that also logs the router's balance loss (before its coefficient) next to the loss, builds a LoRA+
+    optimizer (B at `loraplus_lr_ratio` x the learning rate) when asked, and projects onto the vocabulary only the
+    positions the loss reads (`response_logits_only`, see recipes/response_logits.py)."""
 
-    def __init__(self, *args, loraplus_lr_ratio: float | None = None, **kwargs):
+    def __init__(self, *args, loraplus_lr_ratio: float | None = None, response_logits_only: bool = False, **kwargs):
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.response_logits_only = response_logits_only
         super().__init__(*args, **kwargs)
         self._aux_sum, self._aux_n = 0.0, 0
+        self._logits_form = logits_to_keep_support(self.model) if response_logits_only else None
 
     def create_optimizer(self, model=None):
         if self.loraplus_lr_ratio is None or self.optimizer is not None:
@@ -47,6 +51,8 @@ class HydraTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        if self._logits_form is not None and model.training:
+            inputs = keep_response_logits(inputs, self._logits_form)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         aux = get_aux_loss(model)
         if aux is not None:
@@ -258,7 +264,7 @@ def run_train(spec: RunSpec) -> dict:
 
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
     trainer = HydraTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[tensorboard],
-                           loraplus_lr_ratio=cfg.loraplus_lr_ratio)
+                           loraplus_lr_ratio=cfg.loraplus_lr_ratio, response_logits_only=cfg.response_logits_only)
     resume = None
     if cfg.resume:
         ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
