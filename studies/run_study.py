@@ -134,7 +134,8 @@ def main() -> int:
 
         run_observation2(out / "obs2", workers=args.workers, extra=extra, **({"iid_task": args.iid_task} if args.iid_task else {}))
         return 0
-    jobs = [(name, ov, s) for name, ov in PARTS[args.part].items() for s in args.seeds if not args.only or name in args.only]
+    # Seed-major order: a study cut short leaves every config with the same number of seeds.
+    jobs = [(name, ov, s) for s in args.seeds for name, ov in PARTS[args.part].items() if not args.only or name in args.only]
     t0 = time.time()
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(lambda j: run_one(out, args.part, j[0], j[1], j[2], lambda m: print(m, flush=True), extra), jobs))
