@@ -59,6 +59,61 @@ def tables(data: dict) -> tuple[str, dict]:
     return "\n".join(lines), {"summary": summary, "base": base, "tasks": tasks}
 
 
+def routing_analysis(data: dict, train_prompts: dict[str, list[str]] | None) -> dict:
+    """Does the trained router send different tasks to different experts?
+
+    Per config with a router and per layer group: `max_dev`, the largest |mean gate - 1/N| over tasks and experts
+    in units of 1/N (0: every task sees the uniform mix); `spread`, the mean over experts of the std across tasks
+    of the mean gate, in the same units. With `train_prompts` ({task: prompts}): `cluster_agreement`, the Pearson
+    correlation over task pairs between how alike two tasks are routed (cosine of their gate vectors minus 1/N)
+    and how alike they fall into the N-finding clusters (cosine of their cluster histograms) -- invariant to how
+    experts and clusters are numbered.
+    """
+    from hydralora.clustering import suggest_num_experts
+
+    out: dict = {}
+    for name, d in data.items():
+        runs = [r for r in d["runs"] if r.get("routing_by_task")]
+        if not runs:
+            continue
+        per_seed = []
+        for r in runs:
+            tasks = sorted(r["routing_by_task"])
+            groups = sorted(r["routing_by_task"][tasks[0]], key=lambda g: (["early", "middle", "late"] + [g]).index(g))
+            n = len(r["routing_by_task"][tasks[0]][groups[0]])
+            rec: dict = {"seed": r["seed"], "num_experts": n, "groups": {}}
+            hist = None
+            if train_prompts and r.get("auto_n"):
+                order = [t for t in tasks if t in train_prompts]
+                texts = [p for t in order for p in train_prompts[t]]
+                # the run's own N-finding, redone: same prompts, K range, method and seed, so the same clusters
+                res = suggest_num_experts(texts, k_range=r["auto_n"]["k_values"], method=r["auto_n"]["method"],
+                                          seed=r["seed"], progress=False)
+                assert res.k == n, f"{name} seed {r['seed']}: N-finding gives {res.k} now, {n} in the run"
+                bounds = np.cumsum([0] + [len(train_prompts[t]) for t in order])
+                hist = np.stack([np.bincount(res.labels[a:b], minlength=n) / (b - a) for a, b in zip(bounds, bounds[1:])])
+            for g in groups:
+                gates = np.array([r["routing_by_task"][t][g] for t in tasks]) - 1.0 / n  # (tasks, N), 0 = uniform
+                rec["groups"][g] = {"max_dev": float(np.abs(gates).max() * n), "spread": float(gates.std(0).mean() * n)}
+                if hist is not None:
+                    rec["groups"][g]["cluster_agreement"] = agreement(gates, hist)
+            per_seed.append(rec)
+        out[name] = per_seed
+    return out
+
+
+def agreement(gates: np.ndarray, hist: np.ndarray) -> float | None:
+    """Pearson correlation over task pairs of routing similarity and cluster similarity (both (tasks, N)); None
+    with fewer than 3 pairs."""
+    iu = np.triu_indices(len(gates), 1)
+    return float(np.corrcoef(_cos(gates)[iu], _cos(hist)[iu])[0, 1]) if len(iu[0]) >= 3 else None
+
+
+def _cos(m: np.ndarray) -> np.ndarray:
+    u = m / (np.linalg.norm(m, axis=1, keepdims=True) + 1e-12)
+    return u @ u.T
+
+
 def plot_means(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -81,6 +136,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="results/study")
     ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--data", help="The study's data (for the router's agreement with the N-finding clusters), "
+                                   "e.g. studies/data/bbh12.jsonl; without it that column is left out.")
     args = ap.parse_args()
     study, out = Path(args.study), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,13 +147,30 @@ def main() -> int:
     table, info = tables(data)
     plot_means(info["summary"], out / "means.png")
     modes = {n: {k: mean_std(v) for k, v in d["extra"].items()} for n, d in data.items() if d["extra"]}
-    (out / "summary.json").write_text(json.dumps({**info, "inference_modes": modes}, indent=1))
+    prompts = None
+    if args.data:
+        from hydralora.data.formats import load_examples
+        from hydralora.recipes.train import split_examples
+
+        prompts = defaultdict(list)
+        for e in split_examples(list(load_examples(args.data)), seed=0)[0]:
+            prompts[e.task].append(e.prompt)
+    routing = routing_analysis(data, prompts)
+    (out / "summary.json").write_text(json.dumps({**info, "inference_modes": modes, "routing": routing}, indent=1))
     text = ["# Study results (raw)", "", table, "", "![means](means.png)", ""]
     if modes:
         text += ["| method | token | sequence | fixed (mean gate) |", "|---|---|---|---|"]
         for n, m in modes.items():
             token = mean_std([r["adapted"]["mean_accuracy"] for r in data[n]["runs"]])
             text.append(f"| {n} | {token} | {m.get('sequence', '-')} | {m.get('fixed', '-')} |")
+    if routing:
+        text += ["", "| method | seed | layer group | max deviation from uniform (x 1/N) | spread across tasks (x 1/N) | agreement with N-finding clusters |",
+                 "|---|---|---|---|---|---|"]
+        for n, recs in routing.items():
+            for rec in recs:
+                for g, v in rec["groups"].items():
+                    agree = f"{v['cluster_agreement']:+.2f}" if v.get("cluster_agreement") is not None else "-"
+                    text.append(f"| {n} | {rec['seed']} | {g} | {v['max_dev']:.3f} | {v['spread']:.3f} | {agree} |")
     (out / "tables.md").write_text("\n".join(text) + "\n")
     print((out / "tables.md").read_text())
     return 0

@@ -31,12 +31,16 @@ def test_study_runner_and_report_at_toy_size(toy, tmp_path):
     # a second call resumes: nothing left to run
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0 and all(r.get("skipped") for r in json.loads((out / "main_runs.json").read_text())["runs"])
-    rep = subprocess.run([sys.executable, str(STUDIES / "report_study.py"), "--study", str(out), "--out", str(tmp_path / "docs")],
-                         capture_output=True, text=True)
+    rep = subprocess.run([sys.executable, str(STUDIES / "report_study.py"), "--study", str(out), "--out", str(tmp_path / "docs"),
+                          "--data", str(toy / "mix.jsonl")], capture_output=True, text=True)
     assert rep.returncode == 0, rep.stderr[-2000:]
     summary = json.loads((tmp_path / "docs" / "summary.json").read_text())
     assert set(summary["summary"]) == {"lora-r8", "hydralora-auto"} and summary["base"] is not None
     assert (tmp_path / "docs" / "means.png").is_file()
+    (routed,) = summary["routing"]["hydralora-auto"]  # one seed; the router's use per layer group
+    for group in routed["groups"].values():
+        assert group["max_dev"] >= group["spread"] >= 0
+        assert group["cluster_agreement"] is None  # two tasks are one pair: no correlation to compute
     assert "hydralora-auto" in (tmp_path / "docs" / "tables.md").read_text()
 
 
@@ -72,3 +76,17 @@ def test_study_mixture_has_ten_plus_tasks_with_held_out_examples():
     assert any(e.choices for e in examples) and any(not e.choices for e in examples)
     train_prompts = {(e.task, e.prompt) for e in examples if e.split == "train"}
     assert not any((e.task, e.prompt) in train_prompts for e in examples if e.split == "test")
+
+
+def test_router_cluster_agreement_ignores_how_experts_are_numbered():
+    sys.path.insert(0, str(STUDIES))
+    import numpy as np
+    from report_study import agreement
+
+    rng = np.random.default_rng(0)
+    hist = rng.dirichlet(np.ones(4) * 0.3, size=6)  # 6 tasks over 4 clusters
+    routed = hist[:, [2, 0, 3, 1]] - 0.25  # the router found the same grouping under other expert numbers
+    assert agreement(routed, hist) > 0.5
+    unrelated = rng.dirichlet(np.ones(4) * 0.3, size=6) - 0.25
+    assert agreement(unrelated, hist) < agreement(routed, hist)
+    assert agreement(routed[:2], hist[:2]) is None

@@ -1,0 +1,106 @@
+"""Do HydraLoRA's experts become different from each other? (issue 6: why HydraLoRA did not beat LoRA r=8)
+
+With every expert B_i starting at zero and a router whose initial gate is close to uniform, all B_i receive the
+same gradient up to the gate's small token-to-token differences, and the router's gradient is zero while the B_i
+are equal (a softmax gets no gradient from equal per-expert signals). Adam then moves every B_i alike: the
+experts stay near-copies and the layer acts as LoRA of rank r. This trains the same recipe with the default init
+and with the two knobs that break the symmetry -- random non-zero experts whose initial update cancels exactly
+(`init_b=rlora`) and a sharper router (`router_temperature`) -- then measures, from the saved adapters, the mean
+cosine similarity between the experts of each layer (1: copies), and from the run, how far the gate moves from
+uniform and the held-out accuracy.
+
+    python studies/expert_symmetry.py --out results/symmetry                    # CPU schedule, about 30 min on 2 cores
+    python studies/expert_symmetry.py --out results/symmetry --set schedule=gpu # the study's data at the GPU schedule
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+STUDIES = Path(__file__).resolve().parent
+VARIANTS = {
+    "default (B=0, router x0.1)": {},
+    "init_b=rlora": {"init_b": "rlora"},
+    "router_temperature=0.1": {"router_temperature": 0.1},
+}
+
+
+def expert_similarity(adapter_file: Path) -> dict:
+    """Mean over layers of the mean pairwise cosine similarity between the experts' B (and of their norms)."""
+    from safetensors.numpy import load_file
+
+    sims, norms = [], []
+    for name, B in load_file(str(adapter_file)).items():
+        if "hydralora_B" not in name:
+            continue
+        flat = B.reshape(B.shape[0], -1).astype(np.float64)  # (N, d*r)
+        n = np.linalg.norm(flat, axis=1)
+        u = flat / (n[:, None] + 1e-12)
+        c = u @ u.T
+        sims.append(c[~np.eye(len(c), dtype=bool)].mean())
+        norms.append(n.mean())
+    return {"expert_cos": float(np.mean(sims)), "expert_cos_min_layer": float(np.min(sims)), "B_norm": float(np.mean(norms)),
+            "layers": len(sims)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/symmetry")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe field in every run.")
+    args = ap.parse_args()
+    sys.path.insert(0, str(STUDIES))
+    from report_study import routing_analysis
+    from run_study import STUDY_DATA
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"data": str(STUDY_DATA), "method": "hydralora", "num_experts": "auto", "r": 8, "lora_alpha": 16,
+              "target_modules": "all-linear", "learning_rate": 1e-3, "eval_base": False, "report": False,
+              "seed": args.seed, **dict(s.split("=", 1) for s in args.set)}
+    procs = {}
+    for i, (label, overrides) in enumerate(VARIANTS.items()):
+        run = out / f"v{i}-seed{args.seed}"
+        if (run / "metrics.json").is_file():
+            continue
+        cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run)]
+        for k, v in {**common, **overrides}.items():
+            cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+        procs[label] = subprocess.Popen(cmd, stdout=open(str(run) + ".log", "w"), stderr=subprocess.STDOUT)
+        if len(procs) >= args.workers:
+            procs.popitem()[1].wait()
+    for p in procs.values():
+        p.wait()
+    rows = {}
+    for i, label in enumerate(VARIANTS):
+        run = out / f"v{i}-seed{args.seed}"
+        if not (run / "metrics.json").is_file():
+            rows[label] = {"failed": str(run) + ".log"}
+            continue
+        m = json.loads((run / "metrics.json").read_text())
+        routed = routing_analysis({label: {"runs": [m], "extra": {}}}, None)[label][0]["groups"]
+        rows[label] = {"accuracy": m["adapted"]["mean_accuracy"], "num_experts": m["num_experts"],
+                       "train_loss": m["train_loss"], **expert_similarity(run / "adapter" / "adapter_model.safetensors"),
+                       "gate_max_dev": {g: v["max_dev"] for g, v in routed.items()}}
+    (out / "symmetry.json").write_text(json.dumps(rows, indent=1))
+    print("| variant | N | held-out acc | train loss | expert B cosine (mean / lowest layer) | gate max deviation early/middle/late (x 1/N) |")
+    print("|---|---|---|---|---|---|")
+    for label, r in rows.items():
+        if "failed" in r:
+            print(f"| {label} | failed: see {r['failed']} | | | | |")
+            continue
+        dev = " / ".join(f"{r['gate_max_dev'][g]:.3f}" for g in ("early", "middle", "late") if g in r["gate_max_dev"])
+        print(f"| {label} | {r['num_experts']} | {r['accuracy']:.3f} | {r['train_loss']:.4f} | "
+              f"{r['expert_cos']:.3f} / {r['expert_cos_min_layer']:.3f} | {dev} |")
+    return 0 if all("failed" not in r for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
