@@ -147,7 +147,8 @@ def main():
             steps[v] = step
         except Exception as err:  # a variant that fails (e.g. compile) is reported, not fatal
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            print(f"{v}: {row['error']}", flush=True)
+            row["error_full"] = f"{type(err).__name__}: {err}"  # Triton puts the failing source line after the first
+            print(f"{v} failed:\n{row['error_full']}", flush=True)
     # Round-robin: every round times each variant once, so drifts and neighbours' load hit all variants alike.
     samples = {v: [] for v in steps}
     for _ in range(repeats):
