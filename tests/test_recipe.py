@@ -162,3 +162,32 @@ def test_every_shipped_yaml_loads(path):
     assert set(raw) <= allowed, set(raw) - allowed
     spec = build_spec(config_file=str(path))
     assert spec.train.method in ("hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe")
+
+
+def test_trainer_projects_only_scored_positions_with_the_same_loss(toy, tmp_path):
+    """response_logits_only: HydraTrainer's training loss through a PEFT-wrapped HydraLoRA model equals the full
+    logits path (no dropout, so both passes compute the same function)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from hydralora import HydraLoraConfig
+    from hydralora.recipes.train import HydraTrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(toy / "model"),
+                           HydraLoraConfig(r=4, num_experts=2, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    ids = torch.randint(3, model.config.vocab_size, (3, 10))  # (B, T)
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:9], labels[1, 2:4], labels[2, 8:] = ids[0, 6:9], ids[1, 2:4], ids[2, 8:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    kept = HydraTrainer(model=model, args=args, response_logits_only=True)
+    full = HydraTrainer(model=model, args=args, response_logits_only=False)
+    assert kept._logits_form in ("mask", "index") and full._logits_form is None
+    loss_kept, out_kept = kept.compute_loss(model, dict(batch), return_outputs=True)
+    loss_full, out_full = full.compute_loss(model, dict(batch), return_outputs=True)
+    torch.testing.assert_close(loss_kept, loss_full, rtol=1e-5, atol=1e-6)
+    assert out_kept.logits.numel() < out_full.logits.numel()
+    assert build_spec({}).train.response_logits_only is True
+    assert build_spec({"response_logits_only": "false"}).train.response_logits_only is False
