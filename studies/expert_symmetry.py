@@ -6,7 +6,7 @@ are equal (a softmax gets no gradient from equal per-expert signals). Adam then 
 experts stay near-copies and the layer acts as LoRA of rank r. This trains the same recipe with the default init
 and with the two knobs that break the symmetry -- random non-zero experts whose initial update cancels exactly
 (`init_b=rlora`) and a sharper router (`router_temperature`) -- then measures, from the saved adapters, the mean
-cosine similarity between the experts of each layer (1: copies), and from the run, how far the gate moves from
+cosine similarity between the learned parts of the experts of each layer (1: copies), and from the run, how far the gate moves from
 uniform and the held-out accuracy.
 
     python studies/expert_symmetry.py --out results/symmetry                    # CPU schedule, about 30 min on 2 cores
@@ -32,21 +32,31 @@ VARIANTS = {
 
 
 def expert_similarity(adapter_file: Path) -> dict:
-    """Mean over layers of the mean pairwise cosine similarity between the experts' B (and of their norms)."""
+    """Mean over layers of the mean pairwise cosine similarity between the experts' learned B (B - B at init;
+    R-LoRA saves its init, zero init needs none), of their raw B, and the mean norm of the learned B."""
     from safetensors.numpy import load_file
 
-    sims, norms = [], []
-    for name, B in load_file(str(adapter_file)).items():
-        if "hydralora_B" not in name:
+    tensors = load_file(str(adapter_file))
+    learned, raw, norms = [], [], []
+    for name, B in tensors.items():
+        if not name.endswith("hydralora_B"):
             continue
-        flat = B.reshape(B.shape[0], -1).astype(np.float64)  # (N, d*r)
-        n = np.linalg.norm(flat, axis=1)
-        u = flat / (n[:, None] + 1e-12)
-        c = u @ u.T
-        sims.append(c[~np.eye(len(c), dtype=bool)].mean())
-        norms.append(n.mean())
-    return {"expert_cos": float(np.mean(sims)), "expert_cos_min_layer": float(np.min(sims)), "B_norm": float(np.mean(norms)),
-            "layers": len(sims)}
+        prefix = name[: -len("hydralora_B")]
+        init = [v for k, v in tensors.items() if k.startswith(prefix + "hydralora_init.") and k.endswith("_B")]
+        B = B.astype(np.float64)  # (N, d, r)
+        delta = B - init[0] if init else B
+        learned.append(_mean_offdiag_cos(delta))
+        raw.append(_mean_offdiag_cos(B))
+        norms.append(np.linalg.norm(delta.reshape(len(delta), -1), axis=1).mean())
+    return {"expert_cos": float(np.mean(learned)), "expert_cos_min_layer": float(np.min(learned)),
+            "expert_cos_raw": float(np.mean(raw)), "learned_B_norm": float(np.mean(norms)), "layers": len(learned)}
+
+
+def _mean_offdiag_cos(stack: np.ndarray) -> float:
+    flat = stack.reshape(len(stack), -1)  # (N, d*r)
+    u = flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-12)
+    c = u @ u.T
+    return float(c[~np.eye(len(c), dtype=bool)].mean())
 
 
 def main() -> int:
@@ -90,15 +100,15 @@ def main() -> int:
                        "train_loss": m["train_loss"], **expert_similarity(run / "adapter" / "adapter_model.safetensors"),
                        "gate_max_dev": {g: v["max_dev"] for g, v in routed.items()}}
     (out / "symmetry.json").write_text(json.dumps(rows, indent=1))
-    print("| variant | N | held-out acc | train loss | expert B cosine (mean / lowest layer) | gate max deviation early/middle/late (x 1/N) |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | N | held-out acc | train loss | cosine between experts' learned B (mean / lowest layer) | raw B cosine | gate max deviation early/middle/late (x 1/N) |")
+    print("|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         if "failed" in r:
-            print(f"| {label} | failed: see {r['failed']} | | | | |")
+            print(f"| {label} | failed: see {r['failed']} | | | | | |")
             continue
         dev = " / ".join(f"{r['gate_max_dev'][g]:.3f}" for g in ("early", "middle", "late") if g in r["gate_max_dev"])
         print(f"| {label} | {r['num_experts']} | {r['accuracy']:.3f} | {r['train_loss']:.4f} | "
-              f"{r['expert_cos']:.3f} / {r['expert_cos_min_layer']:.3f} | {dev} |")
+              f"{r['expert_cos']:.3f} / {r['expert_cos_min_layer']:.3f} | {r['expert_cos_raw']:.3f} | {dev} |")
     return 0 if all("failed" not in r for r in rows.values()) else 1
 
 

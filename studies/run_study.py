@@ -51,6 +51,8 @@ PARTS = {
         "hydralora-balance": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "balance_loss_coef": 0.01},
         "hydralora-router-ax": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "router_input": "lora_a"},
         "hydralora-loraplus16": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "loraplus_lr_ratio": 16},
+        # a sharper router breaks the experts' symmetry on the CPU (docs/results.md section 6)
+        "hydralora-temp0.1": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "router_temperature": 0.1},
     },
 }
 BASE_EVAL = ("main", "lora-r8", 0)  # the base model is scored once, in this run

@@ -90,3 +90,22 @@ def test_router_cluster_agreement_ignores_how_experts_are_numbered():
     unrelated = rng.dirichlet(np.ones(4) * 0.3, size=6) - 0.25
     assert agreement(unrelated, hist) < agreement(routed, hist)
     assert agreement(routed[:2], hist[:2]) is None
+
+
+def test_expert_similarity_measures_the_learned_part(tmp_path):
+    """Copies of one learned update score 1 whatever their (R-LoRA) init; opposite updates score -1."""
+    sys.path.insert(0, str(STUDIES))
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from expert_symmetry import expert_similarity
+
+    rng = np.random.default_rng(0)
+    init = rng.normal(size=(3, 6, 2)).astype(np.float32)  # (N, d, r): three different random experts
+    step = rng.normal(size=(1, 6, 2)).astype(np.float32)
+    save_file({"m.layers.0.q.hydralora_B": init + step, "m.layers.0.q.hydralora_init.default_B": init,
+               "m.layers.0.q.hydralora_A": rng.normal(size=(2, 4)).astype(np.float32)}, str(tmp_path / "a.safetensors"))
+    same = expert_similarity(tmp_path / "a.safetensors")
+    assert same["layers"] == 1 and abs(same["expert_cos"] - 1.0) < 1e-6 and same["expert_cos_raw"] < 0.99
+    save_file({"m.q.hydralora_B": np.concatenate([step, -step])}, str(tmp_path / "b.safetensors"))  # zero init
+    assert abs(expert_similarity(tmp_path / "b.safetensors")["expert_cos"] + 1.0) < 1e-6
