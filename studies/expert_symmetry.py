@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--out", default="results/symmetry")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--only", type=int, nargs="+", help="Run only these variants (0-based, in the table's order).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe field in every run.")
     args = ap.parse_args()
     sys.path.insert(0, str(STUDIES))
@@ -75,8 +76,10 @@ def main() -> int:
     common = {"data": str(STUDY_DATA), "method": "hydralora", "num_experts": "auto", "r": 8, "lora_alpha": 16,
               "target_modules": "all-linear", "learning_rate": 1e-3, "eval_base": False, "report": False,
               "seed": args.seed, **dict(s.split("=", 1) for s in args.set)}
+    chosen = {i: label for i, label in enumerate(VARIANTS) if args.only is None or i in args.only}
     procs = {}
-    for i, (label, overrides) in enumerate(VARIANTS.items()):
+    for i, label in chosen.items():
+        overrides = VARIANTS[label]
         run = out / f"v{i}-seed{args.seed}"
         if (run / "metrics.json").is_file():
             continue
@@ -89,7 +92,7 @@ def main() -> int:
     for p in procs.values():
         p.wait()
     rows = {}
-    for i, label in enumerate(VARIANTS):
+    for i, label in chosen.items():
         run = out / f"v{i}-seed{args.seed}"
         if not (run / "metrics.json").is_file():
             rows[label] = {"failed": str(run) + ".log"}
@@ -99,7 +102,7 @@ def main() -> int:
         rows[label] = {"accuracy": m["adapted"]["mean_accuracy"], "num_experts": m["num_experts"],
                        "train_loss": m["train_loss"], **expert_similarity(run / "adapter" / "adapter_model.safetensors"),
                        "gate_max_dev": {g: v["max_dev"] for g, v in routed.items()}}
-    (out / "symmetry.json").write_text(json.dumps(rows, indent=1))
+    (out / f"symmetry-seed{args.seed}.json").write_text(json.dumps(rows, indent=1))
     print("| variant | N | held-out acc | train loss | cosine between experts' learned B (mean / lowest layer) | raw B cosine | gate max deviation early/middle/late (x 1/N) |")
     print("|---|---|---|---|---|---|---|")
     for label, r in rows.items():
