@@ -19,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, str(STUDIES))
     from report_study import routing_analysis
-    from run_study import STUDY_DATA
+    from run_study import STUDY_DATA, train_command
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,20 +78,17 @@ def main() -> int:
               "target_modules": "all-linear", "learning_rate": 1e-3, "eval_base": False, "report": False,
               "seed": args.seed, **dict(s.split("=", 1) for s in args.set)}
     chosen = {i: label for i, label in enumerate(VARIANTS) if args.only is None or i in args.only}
-    procs = {}
-    for i, label in chosen.items():
-        overrides = VARIANTS[label]
+
+    def train(i: int) -> int:
         run = out / f"v{i}-seed{args.seed}"
         if (run / "metrics.json").is_file():
-            continue
-        cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run)]
-        for k, v in {**common, **overrides}.items():
-            cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
-        procs[label] = subprocess.Popen(cmd, stdout=open(str(run) + ".log", "w"), stderr=subprocess.STDOUT)
-        if len(procs) >= args.workers:
-            procs.popitem()[1].wait()
-    for p in procs.values():
-        p.wait()
+            return 0
+        with open(str(run) + ".log", "w") as log:
+            cmd = train_command(run, {**common, **VARIANTS[chosen[i]]})
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(train, chosen))
     rows = {}
     for i, label in chosen.items():
         run = out / f"v{i}-seed{args.seed}"

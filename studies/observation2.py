@@ -45,11 +45,12 @@ def _train(out: Path, name: str, data: Path, extra: dict) -> int:
     run = out / "runs" / name
     if (run / "adapter" / "adapter_model.safetensors").is_file():
         return 0
-    cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run), "--data", str(data),
-           "--method", "lora", "--seed", str(SEED)]
-    for k, v in {"schedule": "gpu", "max_steps": STEPS, "r": 8, "lora_alpha": 16, "target_modules": "all-linear",
-                 "learning_rate": 1e-3, "per_device_batch_size": 64, "save_steps": 10_000, "eval_batch_size": 64, "eval_base": "false", "report": "false", "eval_max_per_task": 10, **extra}.items():
-        cmd += ["--set", f"{k}={v}"]
+    from run_study import train_command
+
+    cmd = train_command(run, {"data": str(data), "method": "lora", "seed": SEED, "schedule": "gpu", "max_steps": STEPS,
+                              "r": 8, "lora_alpha": 16, "target_modules": "all-linear", "learning_rate": 1e-3,
+                              "per_device_batch_size": 64, "save_steps": 10_000, "eval_batch_size": 64, "eval_base": "false",
+                              "report": "false", "eval_max_per_task": 10, **extra})
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(str(run) + ".log", "w") as f:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode

@@ -59,7 +59,22 @@ BASE_EVAL = ("main", "lora-r8", 0)  # the base model is scored once, in this run
 EXTRA_ROUTINGS = ("hydralora-auto",)  # also scored under sequence and fixed-'mean' routing
 
 
-def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, extra: dict | None = None) -> dict:
+def train_command(run_dir: Path, sets: dict) -> list[str]:
+    """`hydralora train` into run_dir with every recipe field of `sets` as --set KEY=VALUE (JSON for non-strings)."""
+    cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run_dir)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    return cmd
+
+
+def worker_env(workers: int) -> dict:
+    """The CPU cores shared among the side-by-side runs (each torch process would otherwise take them all)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+
+
+def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, extra: dict | None = None,
+            env: dict | None = None) -> dict:
     run_dir = out / part / name / f"seed{seed}"
     if (run_dir / "metrics.json").is_file():
         return {"run": str(run_dir), "skipped": True}
@@ -71,31 +86,20 @@ def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, ex
             Path(str(run_dir) + ".log").rename(str(aside) + ".log")
         log(f"{part}/{name}/seed{seed}: unfinished folder moved to {aside.name}")
     sets = {**COMMON, **overrides, "seed": seed, "eval_base": (part, name, seed) == BASE_EVAL, "report": True, **(extra or {})}
-    cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run_dir)]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    cmd = train_command(run_dir, sets)
     t = time.time()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(str(run_dir) + ".log", "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env()).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     result = {"run": str(run_dir), "rc": rc, "seconds": round(time.time() - t, 1)}
     if rc == 0 and name in EXTRA_ROUTINGS:
         for routing in ("sequence", "fixed"):
             subprocess.run([sys.executable, "-m", "hydralora.cli", "eval", "--adapter", str(run_dir / "adapter"),
                             "--routing", routing, "--gate", "mean", "--no-base", "--batch-size", str(sets["eval_batch_size"]),
                             "--out", str(run_dir / f"eval_{routing}.json")],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=worker_env())
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     log(f"{part}/{name}/seed{seed}: rc={rc} in {result['seconds']} s")
     return result
-
-
-WORKERS = 1  # set by main(): runs side by side
-
-
-def worker_env() -> dict:
-    """The CPU cores shared among the side-by-side runs (each torch process would otherwise take them all)."""
-    threads = max(1, (os.cpu_count() or 1) // WORKERS)
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
 
 
 GIB_PER_RUN = 14  # a run at 32 sequences per micro-batch: about half the 24 GiB measured at 64
@@ -129,8 +133,7 @@ def main() -> int:
                     help="Override a recipe field in every run (e.g. model=..., max_steps=...; used by the toy test).")
     args = ap.parse_args()
     args.workers = _fit_workers(args.workers)
-    global WORKERS
-    WORKERS = args.workers
+    env = worker_env(args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = dict(item.split("=", 1) for item in args.set)
@@ -143,7 +146,7 @@ def main() -> int:
     jobs = [(name, ov, s) for s in args.seeds for name, ov in PARTS[args.part].items() if not args.only or name in args.only]
     t0 = time.time()
     with ThreadPoolExecutor(args.workers) as pool:
-        results = list(pool.map(lambda j: run_one(out, args.part, j[0], j[1], j[2], lambda m: print(m, flush=True), extra), jobs))
+        results = list(pool.map(lambda j: run_one(out, args.part, j[0], j[1], j[2], lambda m: print(m, flush=True), extra, env), jobs))
     (out / f"{args.part}_runs.json").write_text(json.dumps({"seconds": time.time() - t0, "runs": results}, indent=1))
     failed = [r for r in results if r.get("rc", 0) != 0]
     print(f"{len(results)} runs, {len(failed)} failed, {time.time() - t0:.0f} s")

@@ -109,3 +109,17 @@ def test_expert_similarity_measures_the_learned_part(tmp_path):
     assert same["layers"] == 1 and abs(same["expert_cos"] - 1.0) < 1e-6 and same["expert_cos_raw"] < 0.99
     save_file({"m.q.hydralora_B": np.concatenate([step, -step])}, str(tmp_path / "b.safetensors"))  # zero init
     assert abs(expert_similarity(tmp_path / "b.safetensors")["expert_cos"] + 1.0) < 1e-6
+
+
+def test_expert_symmetry_runs_at_toy_size(toy, tmp_path):
+    sets = [f"model={toy / 'model'}", f"data={toy / 'mix.jsonl'}", "max_steps=2", "schedule=cpu", "device=cpu",
+            "max_seq_length=32", "max_new_tokens=2", "eval_max_per_task=2", "auto_n_k_max=3"]
+    cmd = [sys.executable, str(STUDIES / "expert_symmetry.py"), "--out", str(tmp_path), "--only", "0", "2", "--workers", "2"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "symmetry-seed0.json").read_text())
+    assert list(rows) == ["default (B=0, router x0.1)", "router_temperature=0.1"]
+    for r in rows.values():
+        assert -1.0 <= r["expert_cos"] <= 1.0 and r["layers"] > 0 and r["gate_max_dev"]

@@ -25,20 +25,11 @@ import torch
 IGNORE_INDEX = -100
 
 
-def _unwrap(model):
-    """The transformers model under PEFT / DDP / FSDP wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def logits_to_keep_support(model) -> str | None:
-    """'mask' (2-D boolean), 'index' (1-D positions) or None (forward has no logits_to_keep)."""
-    base = _unwrap(model)
+    """'mask' (2-D boolean), 'index' (1-D positions) or None (forward has no logits_to_keep).
+
+    ``model``: a transformers causal LM or a PeftModel around one (Trainer wraps for DDP/FSDP only later)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
     if "logits_to_keep" not in params or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None  # shift_labels travels through **kwargs to the model's loss function

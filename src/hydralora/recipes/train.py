@@ -30,7 +30,6 @@ class HydraTrainer(Trainer):
 
     def __init__(self, *args, loraplus_lr_ratio: float | None = None, response_logits_only: bool = False, **kwargs):
         self.loraplus_lr_ratio = loraplus_lr_ratio
-        self.response_logits_only = response_logits_only
         super().__init__(*args, **kwargs)
         self._aux_sum, self._aux_n = 0.0, 0
         self._logits_form = logits_to_keep_support(self.model) if response_logits_only else None
