@@ -41,7 +41,7 @@ def _write_task_files(out: Path, data: Path | None = None, iid_task: str = IID_T
     return files
 
 
-def _train(out: Path, name: str, data: Path, extra: dict) -> int:
+def _train(out: Path, name: str, data: Path, extra: dict, slots) -> int:
     run = out / "runs" / name
     if (run / "adapter" / "adapter_model.safetensors").is_file():
         return 0
@@ -52,8 +52,8 @@ def _train(out: Path, name: str, data: Path, extra: dict) -> int:
                               "per_device_batch_size": 32, "gradient_accumulation_steps": 2, "save_steps": 10_000, "eval_batch_size": 64, "eval_base": "false",
                               "report": "false", "eval_max_per_task": 10, **extra})
     run.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(run) + ".log", "w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    with slots.env() as env, open(str(run) + ".log", "w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def _initial_A(model_name: str) -> dict[str, np.ndarray]:
@@ -74,16 +74,20 @@ def _cos_matrix(vectors: list[np.ndarray]) -> np.ndarray:
     return m @ m.T
 
 
-def run_observation2(out: Path, workers: int = 8, extra: dict | None = None, iid_task: str = IID_TASK) -> dict:
-    """`extra` overrides recipe fields of every run (model=..., data=... for the toy test)."""
+def run_observation2(out: Path, workers: int = 8, extra: dict | None = None, iid_task: str = IID_TASK, slots=None) -> dict:
+    """`extra` overrides recipe fields of every run (model=..., data=... for the toy test); `slots`: run_study's
+    WorkerSlots (CPU threads and GPU per run), built for `workers` when not given."""
     from safetensors.numpy import load_file
 
+    from run_study import WorkerSlots
+
+    slots = slots or WorkerSlots(workers)
     extra = dict(extra or {})
     data = Path(extra.pop("data")) if "data" in extra else None
     out.mkdir(parents=True, exist_ok=True)
     files = _write_task_files(out, data, iid_task)
     with ThreadPoolExecutor(workers) as pool:
-        rcs = dict(zip(files, pool.map(lambda kv: _train(out, kv[0], kv[1], extra), files.items())))
+        rcs = dict(zip(files, pool.map(lambda kv: _train(out, kv[0], kv[1], extra, slots), files.items())))
     names = [n for n, rc in rcs.items() if rc == 0]
     adapters = {n: load_file(str(out / "runs" / n / "adapter" / "adapter_model.safetensors")) for n in names}
     A0 = _initial_A(extra.get("model", "smollm2"))

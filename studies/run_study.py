@@ -7,6 +7,10 @@ skipping runs whose metrics.json exists. Raw results land in OUT/<part>/<config>
     python studies/run_study.py --out results/study --part main --workers 5
     python studies/run_study.py --out results/study --part sweep --workers 5
     python studies/run_study.py --out results/study --part obs2 --workers 5
+    python studies/run_study.py --out results/study --part main sweep --workers 12   # one pool; 2 GPUs: 6 runs on each
+
+On a host with several GPUs each run gets one (CUDA_VISIBLE_DEVICES, round-robin over the worker slots), so the
+side-by-side runs spread evenly over the cards.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 # The study's mixture: 12 BBH-source BIG-bench tasks (10 multiple choice, 2 generative), up to 300 train and
@@ -67,14 +73,44 @@ def train_command(run_dir: Path, sets: dict) -> list[str]:
     return cmd
 
 
-def worker_env(workers: int) -> dict:
-    """The CPU cores shared among the side-by-side runs (each torch process would otherwise take them all)."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (none without torch or a driver)."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # no torch / no driver
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:n] if listed else [str(i) for i in range(n)]
+
+
+class WorkerSlots:
+    """One environment per side-by-side run: the CPU cores split among the workers (each torch process would
+    otherwise take them all) and, on a host with several GPUs, one GPU per slot, round-robin. A job holds a slot
+    while it runs, so every GPU carries the same number of runs at any time."""
+
+    def __init__(self, workers: int, gpus: list[str] | None = None):
+        gpus = visible_gpus() if gpus is None else gpus
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self._free: queue.Queue = queue.Queue()
+        for i in range(workers):
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+            if len(gpus) > 1:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            self._free.put(env)
+
+    @contextmanager
+    def env(self):
+        env = self._free.get()
+        try:
+            yield env
+        finally:
+            self._free.put(env)
 
 
 def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, extra: dict | None = None,
-            env: dict | None = None) -> dict:
+            slots: WorkerSlots | None = None) -> dict:
     run_dir = out / part / name / f"seed{seed}"
     if (run_dir / "metrics.json").is_file():
         return {"run": str(run_dir), "skipped": True}
@@ -89,15 +125,16 @@ def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, ex
     cmd = train_command(run_dir, sets)
     t = time.time()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(run_dir) + ".log", "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    result = {"run": str(run_dir), "rc": rc, "seconds": round(time.time() - t, 1)}
-    if rc == 0 and name in EXTRA_ROUTINGS:
-        for routing in ("sequence", "fixed"):
-            subprocess.run([sys.executable, "-m", "hydralora.cli", "eval", "--adapter", str(run_dir / "adapter"),
-                            "--routing", routing, "--gate", "mean", "--no-base", "--batch-size", str(sets["eval_batch_size"]),
-                            "--out", str(run_dir / f"eval_{routing}.json")],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    with (slots or WorkerSlots(1, [])).env() as env:
+        with open(str(run_dir) + ".log", "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        result = {"run": str(run_dir), "rc": rc, "seconds": round(time.time() - t, 1)}
+        if rc == 0 and name in EXTRA_ROUTINGS:
+            for routing in ("sequence", "fixed"):
+                subprocess.run([sys.executable, "-m", "hydralora.cli", "eval", "--adapter", str(run_dir / "adapter"),
+                                "--routing", routing, "--gate", "mean", "--no-base", "--batch-size", str(sets["eval_batch_size"]),
+                                "--out", str(run_dir / f"eval_{routing}.json")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     log(f"{part}/{name}/seed{seed}: rc={rc} in {result['seconds']} s")
     return result
 
@@ -106,24 +143,26 @@ GIB_PER_RUN = 14  # a run at 32 sequences per micro-batch: about half the 24 GiB
 
 
 def _fit_workers(workers: int) -> int:
-    """Cap the number of side-by-side runs to what the GPU's memory holds (the first study call OOMed at 11)."""
+    """Cap the side-by-side runs to what the GPUs' memory holds (the first study call OOMed at 11 on one H100)."""
     try:
         import torch
 
-        if not torch.cuda.is_available():
+        gpus = len(visible_gpus())
+        if not gpus:
             return workers
-        fit = max(1, int(torch.cuda.get_device_properties(0).total_memory / 2**30 // GIB_PER_RUN))
+        fit = gpus * max(1, int(torch.cuda.get_device_properties(0).total_memory / 2**30 // GIB_PER_RUN))
     except Exception:  # no torch / no driver: leave the request as it is
         return workers
     if workers > fit:
-        print(f"--workers {workers} does not fit the GPU ({GIB_PER_RUN} GiB per run): running {fit} at a time", flush=True)
+        print(f"--workers {workers} does not fit {gpus} GPU(s) ({GIB_PER_RUN} GiB per run): running {fit} at a time", flush=True)
     return min(workers, fit)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/study")
-    ap.add_argument("--part", choices=sorted(PARTS) + ["obs2"], required=True)
+    ap.add_argument("--part", nargs="+", choices=sorted(PARTS) + ["obs2"], required=True,
+                    help="Parts to run; several parts of the table share one pool of workers (obs2 runs on its own).")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=5,
                     help="Runs side by side on the GPU; each SmolLM2 run peaks at 8-12 GiB (capped to fit the card).")
@@ -132,22 +171,28 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Override a recipe field in every run (e.g. model=..., max_steps=...; used by the toy test).")
     args = ap.parse_args()
+    if "obs2" in args.part and len(args.part) > 1:
+        ap.error(f"--part obs2 runs on its own, not with {[p for p in args.part if p != 'obs2']}")
     args.workers = _fit_workers(args.workers)
-    env = worker_env(args.workers)
+    slots = WorkerSlots(args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = dict(item.split("=", 1) for item in args.set)
-    if args.part == "obs2":
+    if args.part == ["obs2"]:
         from observation2 import run_observation2
 
-        run_observation2(out / "obs2", workers=args.workers, extra=extra, **({"iid_task": args.iid_task} if args.iid_task else {}))
+        run_observation2(out / "obs2", workers=args.workers, extra=extra, slots=slots,
+                         **({"iid_task": args.iid_task} if args.iid_task else {}))
         return 0
-    # Seed-major order: a study cut short leaves every config with the same number of seeds.
-    jobs = [(name, ov, s) for s in args.seeds for name, ov in PARTS[args.part].items() if not args.only or name in args.only]
+    # Part by part, seed-major: a study cut short leaves every config of a part with the same number of seeds.
+    jobs = [(part, name, ov, s) for part in args.part for s in args.seeds for name, ov in PARTS[part].items()
+            if not args.only or name in args.only]
     t0 = time.time()
     with ThreadPoolExecutor(args.workers) as pool:
-        results = list(pool.map(lambda j: run_one(out, args.part, j[0], j[1], j[2], lambda m: print(m, flush=True), extra, env), jobs))
-    (out / f"{args.part}_runs.json").write_text(json.dumps({"seconds": time.time() - t0, "runs": results}, indent=1))
+        results = list(pool.map(lambda j: run_one(out, *j, lambda m: print(m, flush=True), extra, slots), jobs))
+    for part in args.part:
+        runs = [r for r, j in zip(results, jobs) if j[0] == part]
+        (out / f"{part}_runs.json").write_text(json.dumps({"seconds": time.time() - t0, "runs": runs}, indent=1))
     failed = [r for r in results if r.get("rc", 0) != 0]
     print(f"{len(results)} runs, {len(failed)} failed, {time.time() - t0:.0f} s")
     return 1 if failed else 0

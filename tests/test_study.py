@@ -123,3 +123,19 @@ def test_expert_symmetry_runs_at_toy_size(toy, tmp_path):
     assert list(rows) == ["default (B=0, router x0.1)", "router_temperature=0.1"]
     for r in rows.values():
         assert -1.0 <= r["expert_cos"] <= 1.0 and r["layers"] > 0 and r["gate_max_dev"]
+
+
+def test_worker_slots_spread_runs_over_gpus():
+    sys.path.insert(0, str(STUDIES))
+    from run_study import WorkerSlots
+
+    slots = WorkerSlots(4, gpus=["2", "5"])
+    with slots.env() as a, slots.env() as b, slots.env() as c:
+        held = [a["CUDA_VISIBLE_DEVICES"], b["CUDA_VISIBLE_DEVICES"], c["CUDA_VISIBLE_DEVICES"]]
+        assert held.count("2") == 2 and held.count("5") == 1  # round-robin over the listed devices
+        assert all(int(e["OMP_NUM_THREADS"]) >= 1 for e in (a, b, c))
+    with slots.env() as a, slots.env() as b:  # released slots come back first-in first-out: the GPUs stay balanced
+        assert {a["CUDA_VISIBLE_DEVICES"], b["CUDA_VISIBLE_DEVICES"]} == {"2", "5"}
+    one = WorkerSlots(2, gpus=["0"])  # one GPU: nothing pinned, the process' own view is kept
+    with one.env() as e:
+        assert e.get("CUDA_VISIBLE_DEVICES") == __import__("os").environ.get("CUDA_VISIBLE_DEVICES")
