@@ -1,5 +1,5 @@
 """Shared benchmark helpers: arguments, timing (warm-up, CUDA events or perf_counter, median of repeats), tables,
-JSON output, memory, and the fused dispatch used to measure the integrated fast path before it lands in layer.py."""
+JSON output, memory, the adapter precision every variant shares, and the switch of the fused dispatch."""
 
 from __future__ import annotations
 
@@ -28,7 +28,32 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "amp"],
+                   help="bf16: adapter weights in the model's --dtype (PEFT's autocast_adapter_dtype=False; the "
+                        "setting of DESIGN.md's anchors). amp: fp32 adapter weights (PEFT's default) and the step "
+                        "under torch.autocast in --dtype (what Trainer(bf16=True) runs). fp32 models: no difference.")
     return p
+
+
+def get_peft_model(model, config, args):
+    """peft.get_peft_model with the adapter weights' dtype of --precision (the same rule for every variant)."""
+    import peft
+
+    return peft.get_peft_model(model, config, autocast_adapter_dtype=args.precision == "amp")
+
+
+def adapter_dtype_(params: Iterable[torch.nn.Parameter], args) -> None:
+    """Give hand-built adapters (the authors' formulation) the weights' dtype PEFT gives its own under --precision."""
+    if args.precision == "amp":
+        for p in params:
+            p.data = p.data.float()
+
+
+def autocast(args, device: str, dtype: torch.dtype):
+    """torch.autocast in the model's dtype under --precision amp (fp32 models need none), else nothing."""
+    if args.precision == "amp" and dtype != torch.float32:
+        return torch.autocast(device, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def resolve_dtype(args) -> torch.dtype:
@@ -140,30 +165,12 @@ def write_json(path: Optional[str], payload: dict) -> None:
 
 @contextlib.contextmanager
 def fused_dispatch(enabled: bool = True):
-    """Route HydraLoraLayer.hydra_delta through hydralora.ops where it applies: the integration proposed for
-    layer.py, applied here by patching the class for the duration of a benchmark."""
-    from hydralora.ops import layer_fused_supported, layer_hydra_delta_fused
-    from hydralora.tuner.layer import HydraLoraLayer
-
-    if not enabled:
-        yield
-        return
-    original = HydraLoraLayer.hydra_delta
+    """HYDRALORA_FUSED=1 for the duration (the layer then dispatches to hydralora.ops where it applies)."""
     switch = os.environ.get("HYDRALORA_FUSED")
-    os.environ["HYDRALORA_FUSED"] = "1"
-
-    def hydra_delta(self, adapter_name, x, result):
-        A = self.hydralora_A[adapter_name]
-        x = self._cast_input_dtype(x, A.dtype)
-        if layer_fused_supported(self, adapter_name, x, result):
-            return layer_hydra_delta_fused(self, adapter_name, x, result)
-        return original(self, adapter_name, x, result)
-
-    HydraLoraLayer.hydra_delta = hydra_delta
+    os.environ["HYDRALORA_FUSED"] = "1" if enabled else "0"
     try:
         yield
     finally:
-        HydraLoraLayer.hydra_delta = original
         if switch is None:
             os.environ.pop("HYDRALORA_FUSED", None)
         else:

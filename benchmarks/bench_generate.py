@@ -75,8 +75,9 @@ def main():
 
         def measure(variant, net):
             for b in batches:
-                t_all = gen_time(net, prompts[b], n_new, dev, args.repeats)
-                t_pre = gen_time(net, prompts[b], 1, dev, args.repeats)
+                with C.autocast(args, dev, dt):
+                    t_all = gen_time(net, prompts[b], n_new, dev, args.repeats)
+                    t_pre = gen_time(net, prompts[b], 1, dev, args.repeats)
                 row = {"model": name, "batch": b, "variant": variant, "prefill_ms": t_pre * 1e3,
                        "decode_tok_s": b * (n_new - 1) / max(t_all - t_pre, 1e-9)}
                 rows.append(row)
@@ -85,13 +86,13 @@ def main():
         measure("base", model)
         lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                                task_type="CAUSAL_LM")
-        pm = peft.get_peft_model(model, lcfg)
+        pm = C.get_peft_model(model, lcfg, args)
         C.randomize_([q for n, q in pm.named_parameters() if "lora_B" in n])
         measure("peft r8", pm)
         model = pm.unload()
         hcfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3,
                                          target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        hm = peft.get_peft_model(model, hcfg)
+        hm = C.get_peft_model(model, hcfg, args)
         C.randomize_([q for _, layer in hydralora.hydra_layers(hm) for q in layer.hydralora_B.values()])
         hm.eval()
         measure("ours token (eager)", hm)
@@ -113,7 +114,7 @@ def main():
         r["x_base"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["x_peft"] = r["decode_tok_s"] / lora["decode_tok_s"]
     info = C.env_info(dev)
-    title = f"Generation: {n_new} new tokens after a {args.prompt}-token prompt, greedy, {dt}, " \
+    title = f"Generation: {n_new} new tokens after a {args.prompt}-token prompt, greedy, {dt}, precision {args.precision}, " \
             f"{info.get('gpu', info.get('cpu'))}"
     cols = [("model", "model", 0), ("batch", "batch", 0), ("variant", "variant", 0),
             ("decode_tok_s", "decode tok/s", 1), ("x_peft", "x PEFT LoRA r=8", 2), ("x_base", "x base", 2),

@@ -57,8 +57,8 @@ def build(variant, k, d, dev, dt, args):
         return one.proj, []
     if variant.startswith("peft"):
         r = int(variant.split("r")[-1])
-        pm = peft.get_peft_model(one, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout,
-                                                      target_modules=["proj"]))
+        pm = C.get_peft_model(one, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout,
+                                                   target_modules=["proj"]), args)
         layer = pm.base_model.model.proj
         C.randomize_([p for n, p in layer.named_parameters() if "lora_B" in n])
         return layer, [p for p in layer.parameters() if p.requires_grad]
@@ -66,10 +66,12 @@ def build(variant, k, d, dev, dt, args):
         layer = AuthorsHydraLinear(one.proj, r=args.r, lora_alpha=2 * args.r, dropout=args.dropout,
                                    num_experts=args.experts)
         C.randomize_([b.weight for b in layer.lora_B])
-        return layer, [p for p in layer.parameters() if p.requires_grad]
+        trainable = [p for p in layer.parameters() if p.requires_grad]
+        C.adapter_dtype_(trainable, args)
+        return layer, trainable
     cfg = hydralora.HydraLoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                     num_experts=args.experts, target_modules=["proj"])
-    pm = peft.get_peft_model(one, cfg)
+    pm = C.get_peft_model(one, cfg, args)
     layer = pm.base_model.model.proj
     C.randomize_(list(layer.hydralora_B.values()))
     trainable = [p for p in layer.parameters() if p.requires_grad]
@@ -109,7 +111,7 @@ def main():
         variants += ["ours fused", "ours fused+base", "base (again)"]
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",")]
-    print(f"layer {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout={args.dropout}, {dt}, {dev}", flush=True)
+    print(f"layer {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout={args.dropout}, {dt}, precision {args.precision}, {dev}", flush=True)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,10 +128,11 @@ def main():
 
             def step(layer=layer, trainable=trainable):
                 if args.inference:
-                    with torch.no_grad():
+                    with torch.no_grad(), C.autocast(args, dev, dt):
                         layer(x)
                     return
-                out = layer(x)
+                with C.autocast(args, dev, dt):
+                    out = layer(x)
                 out.backward(dy)
                 x.grad = None
                 for t in trainable:
@@ -173,7 +176,7 @@ def main():
         cols.append(("extra_mib", "fwd+bwd peak extra MiB", 0))
     info = C.env_info(dev)
     title = f"Layer {'forward (inference)' if args.inference else 'fwd+bwd'}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
-            f"{info.get('gpu', info.get('cpu'))}"
+            f"precision {args.precision}, {info.get('gpu', info.get('cpu'))}"
     table = C.print_table(rows, cols, title)
     ours = next((r for r in rows if r["variant"] == "ours eager" and "ms" in r), None)
     if ours and lora_ms:

@@ -41,8 +41,8 @@ def attach(variant, model, targets, args):
         hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, [], hook.remove
     if variant == "peft r8":
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout,
-                                                        target_modules=tm, task_type="CAUSAL_LM"))
+        pm = C.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout,
+                                                     target_modules=tm, task_type="CAUSAL_LM"), args)
         C.randomize_([p for n, p in pm.named_parameters() if "lora_B" in n])
         return pm, [p for p in pm.parameters() if p.requires_grad], lambda: pm.unload()
     if variant == "authors":
@@ -50,10 +50,12 @@ def attach(variant, model, targets, args):
                                  dropout=args.dropout, num_experts=args.experts)
         mods = [getattr(p, leaf) for p, leaf, _ in replaced]
         C.randomize_([b.weight for m in mods for b in m.lora_B])
-        return model, [p for m in mods for p in m.parameters() if p.requires_grad], lambda: restore_authors(replaced)
+        trainable = [p for m in mods for p in m.parameters() if p.requires_grad]
+        C.adapter_dtype_(trainable, args)
+        return model, trainable, lambda: restore_authors(replaced)
     cfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, num_experts=args.experts,
                                     target_modules=tm, task_type="CAUSAL_LM")
-    pm = peft.get_peft_model(model, cfg)
+    pm = C.get_peft_model(model, cfg, args)
     C.randomize_([p for _, layer in hydralora.hydra_layers(pm) for p in layer.hydralora_B.values()])
     return pm, [p for p in pm.parameters() if p.requires_grad], lambda: pm.unload()
 
@@ -98,7 +100,8 @@ def main():
                     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
 
                     def step():
-                        loss = net(input_ids=ids, labels=ids).loss
+                        with C.autocast(args, dev, dt):
+                            loss = net(input_ids=ids, labels=ids).loss
                         loss.backward()
                         if opt is not None:
                             opt.step()
@@ -130,7 +133,7 @@ def main():
             r["ktok_s"] = r["tok_s"] / 1e3
     info = C.env_info(dev)
     title = (f"Train step: LLaMA-7B-shaped x{model.config.num_hidden_layers} layers, batch {args.batch} x {args.seq}, "
-             f"r=8, N={args.experts}, dropout {args.dropout}, {dt}, {info.get('gpu', info.get('cpu'))}")
+             f"r=8, N={args.experts}, dropout {args.dropout}, {dt}, precision {args.precision}, {info.get('gpu', info.get('cpu'))}")
     cols = [("targets", "targets", 0), ("checkpointing", "grad ckpt", 0), ("variant", "variant", 0),
             ("step_ms", "step ms", 1), ("ktok_s", "k tok/s", 1), ("vs_peft", "x PEFT LoRA r=8 tok/s", 2),
             ("vs_authors", "x authors tok/s", 2), ("peak_gib", "peak GiB", 2), ("mem_vs_peft", "mem x PEFT", 2)]

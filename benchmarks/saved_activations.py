@@ -53,13 +53,14 @@ def main():
             model.requires_grad_(False)
             model.model.embed_tokens.weight.requires_grad_(True)  # backward through the whole stack
         elif variant == "peft r8":
-            model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                               target_modules=TARGETS))
+            model = C.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                            target_modules=TARGETS), args)
         else:
-            model = peft.get_peft_model(model, hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                                         num_experts=3, target_modules=TARGETS))
+            model = C.get_peft_model(model, hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                                      num_experts=3, target_modules=TARGETS), args)
         model.train()
-        rows.append({"variant": variant, "saved_mib": saved_mib(model, ids)})
+        with C.autocast(args, dev, dt):
+            rows.append({"variant": variant, "saved_mib": saved_mib(model, ids)})
     lora = next(r["saved_mib"] for r in rows if r["variant"] == "peft r8")
     for r in rows:
         r["x_peft"] = r["saved_mib"] / lora

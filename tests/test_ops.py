@@ -97,6 +97,37 @@ def test_torch_backend_matches_layer(own_base, temp, aux):
     assert raw.shape == (2, 7, 3) and not gate.requires_grad
 
 
+@pytest.mark.parametrize("own_base", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_under_autocast_matches_layer(own_base, x_dtype):
+    """fp32 adapter weights (PEFT's default) under a bf16 autocast: the op casts as autocast would and gives the
+    layer's outputs, with gradients back in the weights' fp32."""
+    layer = make_layer(temp=0.7).train()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 48, generator=gen).to(x_dtype).requires_grad_()
+    dy = torch.randn(2, 9, 40, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out, ref_g = run_reference(layer, x, dy, aux_coef=0.2)
+        out, g, raw, gate = run_fused(layer, x, dy, aux_coef=0.2, backend="torch", own_base=own_base)
+    assert out.dtype == ref_out.dtype == torch.bfloat16 and raw.dtype == gate.dtype == torch.float32
+    assert rel(out, ref_out) < 1e-2
+    for name, a, b in zip(["x", "A", "W_g", "B"], g, ref_g):
+        assert a.dtype == b.dtype, name
+        assert rel(a, b) < 2e-2, name
+    assert [t.dtype for t in g[1:]] == [torch.float32] * 3
+
+
+def test_layer_under_autocast_equals_cast_input():
+    """Under autocast the layer no longer casts a bf16 x up to its fp32 weights first (two passes over x saved);
+    the GEMMs cast it back to bf16 anyway, so the output is bit for bit what the cast gave."""
+    layer = make_layer().eval()
+    x = torch.randn(3, 5, 48).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = layer(x)
+        out_cast = layer(x.float())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_cast)
+
+
 def test_torch_backend_dropout_matches_masked_reference():
     """With dropout, the op must equal the layer's function under the op's own (seed-derived) mask."""
     p = 0.3
@@ -219,6 +250,27 @@ def test_triton_dropout_matches_torch_backend(shape, own_base):
     assert rel(o2, o1) < 1e-2
     for name, a, b in zip(["x", "A", "W_g", "B"], g2, g1):
         assert rel(a, b) < 2e-2, name
+
+
+@needs_gpu
+@pytest.mark.parametrize("own_base", [False, True])
+def test_triton_under_autocast_with_fp32_adapter(own_base, monkeypatch):
+    """What Trainer(bf16=True) runs: a bf16 base, fp32 adapter weights, autocast on. The layer dispatches to the
+    kernels and matches its eager path."""
+    T, k, d, r, n = SHAPES[1]
+    layer = make_layer(k=k, d=d, r=r, n=n, temp=0.7, device="cuda").train()
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        monkeypatch.setenv("HYDRALORA_FUSED", "1")
+        assert layer_fused_supported(layer, "default", x, layer.base_layer(x))
+        monkeypatch.setenv("HYDRALORA_FUSED", "0")
+        ref_out, ref_g = run_reference(layer, x, dy, aux_coef=0.1)
+        out, g, _, _ = run_fused(layer, x, dy, aux_coef=0.1, backend="triton", own_base=own_base)
+    assert rel(out, ref_out) < 1e-2
+    for name, a, b in zip(["x", "A", "W_g", "B"], g, ref_g):
+        assert a.dtype == b.dtype and rel(a, b) < 2e-2, name
 
 
 @needs_gpu

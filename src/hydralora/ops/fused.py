@@ -277,15 +277,31 @@ def hydra_linear_fused(
     return _apply_2d(x, None, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: autocast's where it is on for x's device (as F.linear would), else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend):
-    """Flatten x to (T, k), run the Function, and give the results x's leading shape back."""
+    """Flatten x to (T, k), run the Function, and give the results x's leading shape back.
+
+    Under autocast the inputs are cast to the autocast dtype first, as autocast does for F.linear: fp32 adapter
+    weights (PEFT's default) then train through bf16 GEMMs, their gradients flowing back to fp32 through the casts.
+    """
+    dt = _compute_dtype(x)
+    if dt != x.dtype or any(t is not None and t.dtype != dt for t in (res2, weight, bias, A, W_g, B)):
+        x, A, W_g, B = x.to(dt), A.to(dt), W_g.to(dt), B.to(dt)  # adapter weights: (R+N)*k + N*d*R elements, small
+        weight = weight.to(dt) if weight is not None else None
+        bias = bias.to(dt) if bias is not None else None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    out, raw, gate = _HydraFused.apply(
-        x2, res2, weight, bias, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend
-    )
+    with torch.autocast(x.device.type, enabled=False):  # the Function's matmuls run in dt as given
+        out, raw, gate = _HydraFused.apply(
+            x2, res2, weight, bias, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend
+        )
     n = W_g.shape[0]
     return out.view(*lead, out.shape[-1]), raw.view(*lead, n), gate.view(*lead, n)
 
@@ -308,14 +324,17 @@ def fused_supported(
     init_offset: bool = False,
     expert_dropout: bool = False,
 ) -> bool:
-    """True where the Triton fast path computes exactly the layer's function: CUDA, bf16/fp16 with x, A, W_g, B
-    (and result) in one dtype, dense softmax token routing by a router on x, no top-k, no masked experts at
-    inference, no R-LoRA init offset, one shared dropout mask, r <= 64, N <= 16, x.numel() < 2**31."""
-    if not HAS_TRITON or not x.is_cuda or x.dtype not in _FUSED_DTYPES:
+    """True where the Triton fast path computes exactly the layer's function: CUDA, GEMMs in bf16/fp16 (x, A, W_g,
+    B and result in one such dtype, or any float dtypes under a bf16/fp16 autocast, which the eager layer's GEMMs
+    would follow too), dense softmax token routing by a router on x, no top-k, no masked experts at inference, no
+    R-LoRA init offset, one shared dropout mask, r <= 64, N <= 16, x.numel() < 2**31."""
+    dt = _compute_dtype(x)
+    if not HAS_TRITON or not x.is_cuda or dt not in _FUSED_DTYPES:
         return False
-    if any(t.dtype != x.dtype or t.device != x.device for t in (A, W_g, B)):
+    amp = torch.is_autocast_enabled(x.device.type)
+    if any(t.device != x.device or not (t.is_floating_point() if amp else t.dtype == dt) for t in (x, A, W_g, B)):
         return False
-    if result is not None and (result.dtype != x.dtype or result.shape[:-1] != x.shape[:-1]):
+    if result is not None and (result.dtype != dt or result.shape[:-1] != x.shape[:-1]):
         return False
     if router_input != "x" or routing_mode != "token" or init_offset or expert_dropout:
         return False

@@ -323,7 +323,10 @@ class HydraLoraLayer(BaseTunerLayer):
         """result + (alpha/r) sum_i w_i B_i A dropout(x), all experts in one GEMM. x: (..., k), result: (..., d)."""
         A, B = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name]  # (r, k), (N, d, r)
         n, d, r = B.shape
-        x = self._cast_input_dtype(x, A.dtype)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast every GEMM below casts to the autocast dtype itself; casting a bf16 x up to the fp32
+            # adapter weights first would add two passes over x and change nothing (bf16 -> fp32 -> bf16 is exact).
+            x = self._cast_input_dtype(x, A.dtype)
         if layer_fused_supported(self, adapter_name, x, result):  # CUDA fast path, opt-in: HYDRALORA_FUSED=1
             return layer_hydra_delta_fused(self, adapter_name, x, result)
         offset = self._init_offset(adapter_name)
