@@ -4,9 +4,10 @@ all measured in the same run.
     python benchmarks/bench_layer.py --device cuda            # 4096x4096, 8192 tokens, bf16 (issue 5, target 1)
     python benchmarks/bench_layer.py --device cpu             # 1024x1024, 2048 tokens, fp32 (target 4), < 1 min
 
-Variants: base, PEFT LoRA r=8/16/32, the authors' formulation, ours eager (HydraLinear as it is), ours
-torch.compile, ours fused (HydraLinear with hydra_delta dispatched to hydralora.ops) and ours fused+base
-(hydralora.ops.hydra_linear_fused: the base GEMM inside the fused Function).
+Variants: base, PEFT LoRA r=8/16/32, the authors' formulation, ours eager (HydraLinear with HYDRALORA_FUSED=0),
+ours torch.compile (of the eager layer), ours fused (HydraLinear with HYDRALORA_FUSED=1: base_layer(x), then
+hydralora.ops.hydra_delta_fused adds the adapter) and ours fused+base (hydralora.ops.hydra_linear_fused: the base
+GEMM inside the op too, the adapter's dx added in the base's dx GEMM).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ r=8 vs the authors' formulation, all in one run.
     python benchmarks/bench_train_step.py --device cpu       # a small shape, to check the script runs
 
 For each of {q_proj+v_proj, all-linear} x {no checkpointing, gradient checkpointing}: base (frozen, backward to
-the embeddings), PEFT LoRA r=8, the authors' formulation, ours eager, ours fused (hydra_delta dispatched to
-hydralora.ops). One step = forward, loss, backward, AdamW over the adapter parameters.
+the embeddings), PEFT LoRA r=8, the authors' formulation, ours eager (HYDRALORA_FUSED=0), ours fused
+(HYDRALORA_FUSED=1: every adapter through hydralora.ops.hydra_delta_fused). One step = forward, loss, backward, AdamW over the adapter parameters.
 """
 
 from __future__ import annotations

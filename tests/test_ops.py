@@ -212,6 +212,43 @@ def test_fused_supported_rules(monkeypatch):
         assert not layer_fused_supported(make_layer(dtype=torch.bfloat16, device="cuda"), "default", xc)
 
 
+def test_fused_switch_values(monkeypatch):
+    monkeypatch.delenv("HYDRALORA_FUSED", raising=False)
+    assert not fops.fused_enabled(32) and fops.fused_enabled(fops.MIN_FUSED_TOKENS)  # auto: training-sized calls
+    monkeypatch.setenv("HYDRALORA_FUSED", "1")
+    assert fops.fused_enabled(1)
+    monkeypatch.setenv("HYDRALORA_FUSED", "0")
+    assert not fops.fused_enabled(10**6)
+    monkeypatch.setenv("HYDRALORA_FUSED", "yes")
+    with pytest.raises(ValueError, match="HYDRALORA_FUSED='yes'.*auto, 0, 1"):
+        fops.fused_enabled(8)
+
+
+def test_layer_dispatch_plumbing(monkeypatch):
+    """The layer's plumbing of the fast path, on the CPU: with the kernels' rules forced to pass, hydra_delta goes
+    through hydra_delta_fused (PyTorch backend) and the layer's output, gradients, balance loss and recorded usage
+    are the eager path's."""
+    calls = []
+    real = fops.hydra_delta_fused
+    monkeypatch.setattr(fops, "hydra_delta_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fops, "fused_supported", lambda *a, **k: True)
+    layer = make_layer(temp=0.5, balance_loss_coef=0.1).train()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 48, generator=gen).requires_grad_()
+    dy = torch.randn(2, 6, 40, generator=gen)
+    res = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("HYDRALORA_FUSED", switch)
+        layer.reset_usage()
+        out, g = run_reference(layer, x, dy)
+        res[switch] = (out, g, layer.last_aux_loss["default"].detach(), layer._usage("default"))
+    assert len(calls) == 1
+    (o0, g0, aux0, u0), (o1, g1, aux1, u1) = res["0"], res["1"]
+    assert rel(o1, o0) < 1e-5 and rel(aux1, aux0) < 1e-5 and torch.allclose(u1, u0, atol=1e-6)
+    for name, a, b in zip(["x", "A", "W_g", "B"], g1, g0):
+        assert rel(a, b) < 1e-5, name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: Triton kernels
 SHAPES = [(37, 200, 96, 8, 3), (256, 512, 384, 8, 3), (1024, 1024, 640, 16, 4), (1, 576, 576, 8, 3)]
@@ -270,6 +307,29 @@ def test_triton_under_autocast_with_fp32_adapter(own_base, monkeypatch):
         out, g, _, _ = run_fused(layer, x, dy, aux_coef=0.1, backend="triton", own_base=own_base)
     assert rel(out, ref_out) < 1e-2
     for name, a, b in zip(["x", "A", "W_g", "B"], g, ref_g):
+        assert a.dtype == b.dtype and rel(a, b) < 2e-2, name
+
+
+@needs_gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
+    """HydraLinear's own forward with the dispatch on against HYDRALORA_FUSED=0. (A first version that also ran the
+    base GEMM inside the op measured rel 0.0248 on x's gradient on an H100 against the 2e-2 below; this form is the
+    path test_triton_matches_layer checks at the same tolerance.)"""
+    T, k, d, r, n = SHAPES[2]
+    layer = make_layer(k=k, d=d, r=r, n=n, temp=0.7, device="cuda", dtype=torch.float32 if amp else torch.bfloat16).train()
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("HYDRALORA_FUSED", switch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            assert layer_fused_supported(layer, "default", x, layer.base_layer(x)) == (switch == "1")
+            res[switch] = run_reference(layer, x, dy)
+    (o0, g0), (o1, g1) = res["0"], res["1"]
+    assert rel(o1, o0) < 1e-2
+    for name, a, b in zip(["x", "A", "W_g", "B"], g1, g0):
         assert a.dtype == b.dtype and rel(a, b) < 2e-2, name
 
 

@@ -348,16 +348,28 @@ def fused_supported(
     return True
 
 
-def fused_enabled() -> bool:
-    """The layer-level switch: HYDRALORA_FUSED=1 turns the dispatch on. Off by default until the Triton path has
-    passed tests/test_ops.py and benchmarks/bench_layer.py on a GPU (see docs/performance.md)."""
-    return os.environ.get("HYDRALORA_FUSED", "0") == "1"
+# Below this many tokens per call the dispatch stays eager: decode-sized calls (1 and 32 tokens) ran slower through
+# the kernels than eager on an H200, 8192-token training calls faster (docs/performance.md). Sizes in between were
+# not measured; 1024 tokens is where a training micro-batch starts.
+MIN_FUSED_TOKENS = 1024
+_SWITCH_VALUES = ("auto", "0", "1")
+
+
+def fused_enabled(tokens: Optional[int] = None) -> bool:
+    """The layer-level switch HYDRALORA_FUSED: 'auto' (unset) dispatches calls of at least MIN_FUSED_TOKENS tokens,
+    '1' every call the kernels support, '0' none."""
+    mode = os.environ.get("HYDRALORA_FUSED", "auto")
+    if mode not in _SWITCH_VALUES:
+        raise ValueError(f"HYDRALORA_FUSED={mode!r}: allowed values are {', '.join(_SWITCH_VALUES)} (unset means auto)")
+    if mode == "auto":
+        return tokens is None or tokens >= MIN_FUSED_TOKENS
+    return mode == "1"
 
 
 def layer_fused_supported(layer, adapter_name: str, x: torch.Tensor, result: Optional[torch.Tensor] = None) -> bool:
     """fused_supported for an adapter of a HydraLoraLayer, reading its config and routing state (and the
     HYDRALORA_FUSED switch)."""
-    if not fused_enabled():
+    if not fused_enabled(x.numel() // max(x.shape[-1], 1)):
         return False
     cfg = layer.hconfig[adapter_name]
     return fused_supported(

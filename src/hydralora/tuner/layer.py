@@ -327,7 +327,7 @@ class HydraLoraLayer(BaseTunerLayer):
             # Under autocast every GEMM below casts to the autocast dtype itself; casting a bf16 x up to the fp32
             # adapter weights first would add two passes over x and change nothing (bf16 -> fp32 -> bf16 is exact).
             x = self._cast_input_dtype(x, A.dtype)
-        if layer_fused_supported(self, adapter_name, x, result):  # CUDA fast path, opt-in: HYDRALORA_FUSED=1
+        if layer_fused_supported(self, adapter_name, x, result):  # CUDA fast path (HYDRALORA_FUSED, see ops)
             return layer_hydra_delta_fused(self, adapter_name, x, result)
         offset = self._init_offset(adapter_name)
         if offset is not None:
