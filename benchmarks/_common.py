@@ -28,10 +28,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "amp"],
-                   help="bf16: adapter weights in the model's --dtype (PEFT's autocast_adapter_dtype=False; the "
+    p.add_argument("--precision", default="pure", choices=["pure", "amp"],
+                   help="pure: adapter weights in the model's --dtype (PEFT's autocast_adapter_dtype=False; the "
                         "setting of DESIGN.md's anchors). amp: fp32 adapter weights (PEFT's default) and the step "
-                        "under torch.autocast in --dtype (what Trainer(bf16=True) runs). fp32 models: no difference.")
+                        "under torch.autocast in --dtype (what Trainer(bf16=True) runs). fp32 models: the same.")
     return p
 
 

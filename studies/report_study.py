@@ -14,7 +14,8 @@ import numpy as np
 
 ORDER = ["lora-r8", "lora-r16", "lora-r32", "lora-split-4x8", "hydralora-auto", "hydralora-uniform", "lora-moe",
          "hydralora-N2", "hydralora-N3", "hydralora-N4", "hydralora-N6", "hydralora-N8", "hydralora-rlora",
-         "hydralora-top2", "hydralora-balance", "hydralora-router-ax", "hydralora-loraplus16", "hydralora-temp0.1"]
+         "hydralora-top2", "hydralora-balance", "hydralora-router-ax", "hydralora-loraplus16", "hydralora-temp0.1",
+         "lora-r8-loraplus16"]
 
 
 def collect(study: Path) -> dict:

@@ -59,6 +59,8 @@ PARTS = {
         "hydralora-loraplus16": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "loraplus_lr_ratio": 16},
         # a sharper router breaks the experts' symmetry on the CPU (docs/results.md section 6)
         "hydralora-temp0.1": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto", "router_temperature": 0.1},
+        # LoRA+ is a learning-rate change for B: the same change on plain LoRA says how much of its gain is HydraLoRA's
+        "lora-r8-loraplus16": {"method": "lora", "r": 8, "lora_alpha": 16, "loraplus_lr_ratio": 16},
     },
 }
 BASE_EVAL = ("main", "lora-r8", 0)  # the base model is scored once, in this run
