@@ -12,6 +12,8 @@ GEMM inside the op too, the adapter's dx added in the base's dx GEMM).
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch import nn
 
@@ -153,10 +155,16 @@ def main():
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
             row["error_full"] = f"{type(err).__name__}: {err}"  # Triton puts the failing source line after the first
             print(f"{v} failed:\n{row['error_full']}", flush=True)
-    # Round-robin: every round times each variant once, so drifts and neighbours' load hit all variants alike.
+    # Round-robin: every round times each variant once, so drifts and neighbours' load hit all variants alike; the
+    # order is shuffled per round (seeded), so no variant always follows the same neighbour (session 4 saw the
+    # variant timed right after torch.compile's come out slower in two runs).
     samples = {v: [] for v in steps}
+    order_rng = random.Random(args.seed)
     for _ in range(repeats):
-        for v, step in steps.items():
+        order = list(steps)
+        order_rng.shuffle(order)
+        for v in order:
+            step = steps[v]
             with C.fused_dispatch(v == "ours fused"):
                 samples[v].append(C.time_ms(step, dev, warmup=0, repeats=1, inner=inner)["ms"])
     for row in rows:

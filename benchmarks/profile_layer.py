@@ -1,0 +1,67 @@
+"""Where one variant of bench_layer spends its time: torch.profiler over a few fwd+bwd steps, a table of the ops by
+device time (CPU time on the CPU), and optionally a Chrome trace. For the "where the gap goes" analysis of
+docs/performance.md: the frozen layer's three GEMMs against everything a variant adds.
+
+    python benchmarks/profile_layer.py --device cuda --variant "ours fused" --precision amp --trace out/fused.json
+    python benchmarks/profile_layer.py --device cpu --variant "peft r8" --tokens 256 --features 256
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import _common as C
+from bench_layer import build
+
+
+def main():
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--variant", default="ours eager", help="a bench_layer variant (base, peft r8, authors, ours eager, "
+                                                             "ours compile, ours fused, ours fused+base)")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--features", type=int, default=None, help="in = out features")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rows", type=int, default=25, help="rows of the table")
+    p.add_argument("--trace", default=None, metavar="OUT", help="also write a Chrome trace (chrome://tracing, Perfetto)")
+    args = p.parse_args()
+    dev, dt = args.device, C.resolve_dtype(args)
+    cuda = dev == "cuda"
+    T = args.tokens or (8192 if cuda else 2048)
+    k = d = args.features or (4096 if cuda else 1024)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    x = torch.randn(T, k, generator=gen).to(dev, dt).requires_grad_()
+    dy = torch.randn(T, d, generator=gen).to(dev, dt)
+    layer, trainable = build(args.variant, k, d, dev, dt, args)
+    layer.train()
+
+    def step():
+        with C.autocast(args, dev, dt):
+            out = layer(x)
+        out.backward(dy)
+        x.grad = None
+        for t in trainable:
+            t.grad = None
+
+    with C.fused_dispatch(args.variant == "ours fused"):
+        for _ in range(3):  # warm-up: autotuning, compilation, allocator
+            step()
+        C.sync(dev)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step()
+            C.sync(dev)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"{args.variant}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, "
+          f"precision {args.precision}, {args.steps} steps")
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The benchmark scripts run on a clean clone (CPU, tiny shapes) and report ratios from one run. Speed itself is not
+asserted here: the figures live in docs/performance.md with their commands and machines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = {
+    "bench_layer.py": ["--features", "64", "--tokens", "32", "--repeats", "1", "--threads", "1",
+                       "--variants", "base,peft r8,authors,ours eager,ours fused"],
+    "bench_train_step.py": ["--targets", "qv", "--checkpointing", "off,on"],
+    "bench_generate.py": ["--new-tokens", "3", "--repeats", "1"],
+    "saved_activations.py": ["--hidden", "64", "--seq", "16"],
+}
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("precision", ["pure", "amp"])
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_runs_and_reports_ratios(script, precision, tmp_path):
+    if script == "bench_generate.py" and precision == "amp":
+        pytest.skip("one generate run is enough (it builds a 135M-shaped model)")
+    extra = ["--dtype", "bf16"] if precision == "amp" else []  # amp only differs from pure below fp32
+    proc = _run(script, *TINY[script], "--precision", precision, *extra, "--json", str(tmp_path / "out.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if script == "saved_activations.py":
+        assert "x PEFT LoRA r=8" in proc.stdout
+        return
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert rows and not [r for r in rows if "error" in r]
+    ratio = {"bench_layer.py": "x_peft_r8", "bench_train_step.py": "vs_peft", "bench_generate.py": "x_peft"}[script]
+    assert all(r[ratio] > 0 for r in rows)
+    assert next(r for r in rows if r["variant"] == "peft r8")[ratio] == pytest.approx(1.0)
+
+
+def test_profile_layer_prints_the_ops(tmp_path):
+    proc = _run("profile_layer.py", "--variant", "ours eager", "--tokens", "32", "--features", "64", "--steps", "2",
+                "--trace", str(tmp_path / "trace.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "aten::mm" in proc.stdout and json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+
+
+def test_bad_precision_is_refused():
+    proc = _run("bench_layer.py", "--precision", "fp8")
+    assert proc.returncode == 2 and "--precision" in proc.stderr and "'pure', 'amp'" in proc.stderr
