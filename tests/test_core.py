@@ -345,6 +345,33 @@ def test_expert_usage_statistics():
         torch.testing.assert_close(u.sum(), torch.tensor(1.0))
 
 
+def test_usage_weights_masked_and_unmasked_calls_by_their_real_tokens():
+    """Masked calls count their real tokens on the device, unmasked calls on the host; the usage is the gate's
+    mean over every real token of both kinds, and reset clears both counts."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = hydralora.HydraLinear(nn.Linear(16, 12), "default", HydraLoraConfig(r=4, num_experts=3, target_modules=["x"]))
+    with torch.no_grad():
+        layer.hydralora_router["default"].normal_(0, 1.0)  # a gate that differs per token
+    layer.eval()
+    x1, x2 = torch.randn(2, 5, 16), torch.randn(3, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        layer._token_mask = mask
+        layer(x1)
+        layer._token_mask = None
+        layer(x2)
+        layer(x2)
+        expected = (layer.route(x1)[mask.bool()].sum(0) + 2 * layer.route(x2).sum(0)) / (8 + 6)
+    torch.testing.assert_close(layer._usage("default"), expected)
+    layer.reset_usage()
+    assert layer._usage("default") is None
+    with torch.no_grad():
+        layer(x2)
+    torch.testing.assert_close(layer._usage("default"), layer.route(x2).mean(0))
+
+
 @pytest.mark.parametrize("extra", [{}, {"init_b": "rlora"}], ids=["default", "rlora"])
 def test_no_grad_outputs_follow_in_place_weight_updates(extra):
     """Derived weights reused under no_grad (eval, generate) are rebuilt when a parameter changes in place

@@ -232,6 +232,7 @@ def test_layer_dispatch_plumbing(monkeypatch):
     real = fops.hydra_delta_fused
     monkeypatch.setattr(fops, "hydra_delta_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(fops, "fused_supported", lambda *a, **k: True)
+    monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
     layer = make_layer(temp=0.5, balance_loss_coef=0.1).train()
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 6, 48, generator=gen).requires_grad_()

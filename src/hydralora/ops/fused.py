@@ -366,11 +366,16 @@ def fused_enabled(tokens: Optional[int] = None) -> bool:
     return mode == "1"
 
 
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Whether x is where the kernels run (a CUDA tensor, Triton installed)."""
+    return HAS_TRITON and x.is_cuda
+
+
 def layer_fused_supported(layer, adapter_name: str, x: torch.Tensor, result: Optional[torch.Tensor] = None) -> bool:
     """fused_supported for an adapter of a HydraLoraLayer, reading its config and routing state (and the
     HYDRALORA_FUSED switch)."""
-    if not fused_enabled(x.numel() // max(x.shape[-1], 1)):
-        return False
+    if not _kernel_device(x) or not fused_enabled(x.numel() // max(x.shape[-1], 1)):
+        return False  # the device first: on the CPU every call ends here, without reading the environment
     cfg = layer.hconfig[adapter_name]
     return fused_supported(
         x, layer.hydralora_A[adapter_name], layer.hydralora_router[adapter_name], layer.hydralora_B[adapter_name],

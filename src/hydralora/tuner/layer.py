@@ -81,7 +81,8 @@ class HydraLoraLayer(BaseTunerLayer):
         self._recording = True  # False while checkpointed segments are recomputed in backward
         self.last_aux_loss: dict[str, Optional[torch.Tensor]] = {}
         self.usage_sum: dict[str, torch.Tensor] = {}  # name -> (N,) summed gate weights
-        self.usage_tokens: dict[str, torch.Tensor] = {}  # name -> () number of tokens seen
+        self.usage_tokens: dict[str, torch.Tensor] = {}  # name -> () tokens seen in masked calls (on the device)
+        self._usage_tokens_host: dict[str, float] = {}  # name -> tokens seen in unmasked calls (no kernel to count)
         self._weight_cache: dict[str, tuple] = {}  # derived weights reused while no graph is recorded
 
         base = self.get_base_layer()
@@ -308,16 +309,22 @@ class HydraLoraLayer(BaseTunerLayer):
                 # Weighted sums, not boolean indexing (no device sync); without a mask the count stays on the host.
                 g = gate.detach().reshape(-1, n)  # (T, N)
                 if keep is None:
-                    s, t = g.sum(0), float(g.shape[0])  # (N,), host float
+                    s, t = g.sum(0), None  # (N,); the count stays on the host
                 else:
                     w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
                     s, t = (g * w).sum(0), w.sum()  # (N,), ()
                 if adapter_name in self.usage_sum and self.usage_sum[adapter_name].device == s.device:
                     self.usage_sum[adapter_name] += s
-                    self.usage_tokens[adapter_name] += t
                 else:
                     self.usage_sum[adapter_name] = s
-                    self.usage_tokens[adapter_name] = torch.zeros((), device=s.device, dtype=s.dtype) + t
+                    self.usage_tokens.pop(adapter_name, None)
+                    self._usage_tokens_host.pop(adapter_name, None)
+                if t is None:
+                    self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + g.shape[0]
+                elif adapter_name in self.usage_tokens:
+                    self.usage_tokens[adapter_name] += t
+                else:
+                    self.usage_tokens[adapter_name] = t
 
     def hydra_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + (alpha/r) sum_i w_i B_i A dropout(x), all experts in one GEMM. x: (..., k), result: (..., d)."""
@@ -379,11 +386,13 @@ class HydraLoraLayer(BaseTunerLayer):
     def _usage(self, adapter_name: str) -> Optional[torch.Tensor]:
         if adapter_name not in self.usage_sum:
             return None
-        return self.usage_sum[adapter_name] / self.usage_tokens[adapter_name].clamp_min(1.0)
+        tokens = self.usage_tokens.get(adapter_name, 0.0) + self._usage_tokens_host.get(adapter_name, 0.0)
+        return self.usage_sum[adapter_name] / (tokens.clamp_min(1.0) if torch.is_tensor(tokens) else max(tokens, 1.0))
 
     def reset_usage(self) -> None:
         self.usage_sum.clear()
         self.usage_tokens.clear()
+        self._usage_tokens_host.clear()
 
 
 class HydraLinear(nn.Module, HydraLoraLayer):
