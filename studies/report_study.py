@@ -133,6 +133,34 @@ def plot_means(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+REFERENCES = ("lora-r8", "hydralora-auto")  # the paired comparisons the write-up reads
+
+
+def paired(data: dict, ref: str) -> dict:
+    """Every configuration against `ref`, seed by seed (the same seed = the same data order): mean and spread of the
+    differences, how many seeds are above, and the study's rule for a real difference: every seed on the same side
+    and the mean difference larger than both configurations' spread over seeds."""
+    if ref not in data:
+        return {}
+
+    def by_seed(name):
+        return {r["seed"]: r["adapted"]["mean_accuracy"] for r in data[name]["runs"]}
+
+    ref_acc = by_seed(ref)
+    out = {}
+    for name in data:
+        acc = by_seed(name)
+        seeds = sorted(set(acc) & set(ref_acc))
+        if name == ref or len(seeds) < 2:
+            continue
+        d = np.array([acc[s] - ref_acc[s] for s in seeds])
+        spread = max(np.std([ref_acc[s] for s in seeds], ddof=1), np.std([acc[s] for s in seeds], ddof=1))
+        out[name] = {"diff": float(d.mean()), "sd": float(d.std(ddof=1)), "seeds": len(seeds),
+                     "above": int((d > 0).sum()), "spread": float(spread),
+                     "real": bool(((d > 0).all() or (d < 0).all()) and abs(d.mean()) > spread)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="results/study")
@@ -157,8 +185,24 @@ def main() -> int:
         for e in split_examples(list(load_examples(args.data)), seed=0)[0]:
             prompts[e.task].append(e.prompt)
     routing = routing_analysis(data, prompts)
-    (out / "summary.json").write_text(json.dumps({**info, "inference_modes": modes, "routing": routing}, indent=1))
+    pairs = {ref: paired(data, ref) for ref in REFERENCES}
+    (out / "summary.json").write_text(json.dumps({**info, "inference_modes": modes, "routing": routing, "paired": pairs},
+                                                 indent=1))
     text = ["# Study results (raw)", "", table, "", "![means](means.png)", ""]
+    if any(pairs.values()):
+        names = [n for n in ORDER if n in data] + sorted(set(data) - set(ORDER))
+        text += ["Seed by seed against a reference: mean difference ± its spread (seeds above / seeds); **real** where every "
+                 "seed is on one side and the mean exceeds both configurations' spread over seeds.", "",
+                 "| method | " + " | ".join(f"vs {ref}" for ref in REFERENCES) + " |", "|---" * (len(REFERENCES) + 1) + "|"]
+        for n in names:
+            cells = []
+            for ref in REFERENCES:
+                c = pairs[ref].get(n)
+                cells.append("-" if c is None else
+                             f"{c['diff']:+.3f} ± {c['sd']:.3f} ({c['above']}/{c['seeds']})" + (" **real**" if c["real"] else ""))
+            if any(c != "-" for c in cells):
+                text.append(f"| {n} | " + " | ".join(cells) + " |")
+        text.append("")
     if modes:
         text += ["| method | token | sequence | fixed (mean gate) |", "|---|---|---|---|"]
         for n, m in modes.items():

@@ -139,3 +139,20 @@ def test_worker_slots_spread_runs_over_gpus():
     one = WorkerSlots(2, gpus=["0"])  # one GPU: nothing pinned, the process' own view is kept
     with one.env() as e:
         assert e.get("CUDA_VISIBLE_DEVICES") == __import__("os").environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_paired_comparison_applies_the_spread_rule():
+    sys.path.insert(0, str(STUDIES))
+    from report_study import paired
+
+    def cfg(*accs):
+        return {"runs": [{"seed": s, "adapted": {"mean_accuracy": a}} for s, a in enumerate(accs)]}
+
+    data = {"ref": cfg(0.40, 0.42, 0.41), "up": cfg(0.45, 0.47, 0.44), "mixed": cfg(0.45, 0.40, 0.43),
+            "small": cfg(0.405, 0.425, 0.415), "one_seed": cfg(0.9)}
+    out = paired(data, "ref")
+    assert set(out) == {"up", "mixed", "small"}  # the reference itself and single-seed configs are left out
+    assert out["up"]["real"] and out["up"]["above"] == 3 and abs(out["up"]["diff"] - 0.0433) < 1e-3
+    assert not out["mixed"]["real"]  # seeds on both sides
+    assert not out["small"]["real"]  # every seed above, but by less than the spread over seeds
+    assert paired(data, "absent") == {}
