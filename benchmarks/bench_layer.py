@@ -85,6 +85,25 @@ def build(variant, k, d, dev, dt, args):
     return layer, trainable
 
 
+def make_step(layer, trainable, x, dy, args):
+    """One timed call: forward + backward of dy (grads cleared), or a no-grad forward with args.inference."""
+    dev, dt = args.device, C.resolve_dtype(args)
+
+    def step():
+        if getattr(args, "inference", False):
+            with torch.no_grad(), C.autocast(args, dev, dt):
+                layer(x)
+            return
+        with C.autocast(args, dev, dt):
+            out = layer(x)
+        out.backward(dy)
+        x.grad = None
+        for t in trainable:
+            t.grad = None
+
+    return step
+
+
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=None)
@@ -129,18 +148,7 @@ def main():
             layer, trainable = build(v.replace(" (again)", ""), k, d, dev, dt, args)
             layer.train(not args.inference)
 
-            def step(layer=layer, trainable=trainable):
-                if args.inference:
-                    with torch.no_grad(), C.autocast(args, dev, dt):
-                        layer(x)
-                    return
-                with C.autocast(args, dev, dt):
-                    out = layer(x)
-                out.backward(dy)
-                x.grad = None
-                for t in trainable:
-                    t.grad = None
-
+            step = make_step(layer, trainable, x, dy, args)
             with C.fused_dispatch(v == "ours fused"):
                 mem = {}
                 C.free_memory()

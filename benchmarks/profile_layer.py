@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import _common as C
-from bench_layer import build
+from bench_layer import build, make_step
 
 
 def main():
@@ -37,14 +37,7 @@ def main():
     dy = torch.randn(T, d, generator=gen).to(dev, dt)
     layer, trainable = build(args.variant, k, d, dev, dt, args)
     layer.train()
-
-    def step():
-        with C.autocast(args, dev, dt):
-            out = layer(x)
-        out.backward(dy)
-        x.grad = None
-        for t in trainable:
-            t.grad = None
+    step = make_step(layer, trainable, x, dy, args)
 
     with C.fused_dispatch(args.variant == "ours fused"):
         for _ in range(3):  # warm-up: autotuning, compilation, allocator

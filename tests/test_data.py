@@ -379,3 +379,21 @@ def test_bundled_mixture():
     # Held-out prompts never appear in training.
     train = {e.prompt for e in loaded if e.split == "train"}
     assert not any(e.prompt in train for e in loaded if e.split == "test")
+
+
+def test_staged_dir_publishes_whole_or_not_at_all(tmp_path):
+    from hydralora._fs import staged_dir
+
+    target = tmp_path / "cache" / "thing"
+    with staged_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with staged_dir(target) as tmp:
+            (tmp / "a.txt").write_text("half-written")
+            raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "one"  # the earlier folder is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["thing"]  # no leftover staging folder
+    with staged_dir(target) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, not merged

@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ._fs import staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +109,9 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         if tok.eos_token_id is not None:
             model.generation_config.eos_token_id = tok.eos_token_id
             model.generation_config.pad_token_id = tok.eos_token_id
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
+        with staged_dir(target) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

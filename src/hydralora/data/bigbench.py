@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from .._fs import staged_dir
 from .io import DataError
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,8 @@ def _pip_download(dest: Path) -> Path:
 
 def _extract_task_files(sdist: Path, root: Path) -> int:
     """Extract only benchmark_tasks/<task>[/<subtask>]/task.json into root/benchmark_tasks."""
-    staging = Path(tempfile.mkdtemp(prefix="extract-", dir=root))
     n = 0
-    try:
+    with staged_dir(root / "benchmark_tasks") as staging:
         with tarfile.open(sdist, "r:*") as tar:
             for member in tar:  # streaming: never holds the archive's index in memory
                 if not member.isfile():
@@ -141,13 +141,6 @@ def _extract_task_files(sdist: Path, root: Path) -> int:
         if n == 0:
             raise DataError(f"{sdist} contains no benchmark_tasks/*/task.json; is it the "
                             f"bigbench sdist?")
-        target = root / "benchmark_tasks"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return n
 
 
