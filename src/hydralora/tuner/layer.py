@@ -305,35 +305,41 @@ class HydraLoraLayer(BaseTunerLayer):
             return
         self.last_aux_loss[adapter_name] = aux
         if cfg.track_usage:
-            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                # Weighted sums, not boolean indexing (no device sync); without a mask the count stays on the host.
-                g = gate.detach().reshape(-1, n)  # (T, N)
-                if keep is None:
-                    s, t = g.sum(0), None  # (N,); the count stays on the host
-                else:
-                    w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
-                    s, t = (g * w).sum(0), w.sum()  # (N,), ()
-                if adapter_name in self.usage_sum and self.usage_sum[adapter_name].device == s.device:
-                    self.usage_sum[adapter_name] += s
-                else:
-                    self.usage_sum[adapter_name] = s
-                    self.usage_tokens.pop(adapter_name, None)
-                    self._usage_tokens_host.pop(adapter_name, None)
-                if t is None:
-                    self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + g.shape[0]
-                elif adapter_name in self.usage_tokens:
-                    self.usage_tokens[adapter_name] += t
-                else:
-                    self.usage_tokens[adapter_name] = t
+            self._count_usage(adapter_name, gate, mask)
+
+    def _count_usage(self, adapter_name: str, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """Add a call's gate weights to the usage statistics: summed over real tokens (mask (B, T) or None)."""
+        n = gate.shape[-1]
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            # Weighted sums, not boolean indexing (no device sync); without a mask the count stays on the host.
+            g = gate.detach().reshape(-1, n)  # (T, N)
+            if mask is None:
+                s, t = g.sum(0), None  # (N,); the count stays on the host
+            else:
+                w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
+                s, t = (g * w).sum(0), w.sum()  # (N,), ()
+            if adapter_name in self.usage_sum and self.usage_sum[adapter_name].device == s.device:
+                self.usage_sum[adapter_name] += s
+            else:
+                self.usage_sum[adapter_name] = s
+                self.usage_tokens.pop(adapter_name, None)
+                self._usage_tokens_host.pop(adapter_name, None)
+            if t is None:
+                self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + g.shape[0]
+            elif adapter_name in self.usage_tokens:
+                self.usage_tokens[adapter_name] += t
+            else:
+                self.usage_tokens[adapter_name] = t
 
     def hydra_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + (alpha/r) sum_i w_i B_i A dropout(x), all experts in one GEMM. x: (..., k), result: (..., d)."""
-        A, B = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name]  # (r, k), (N, d, r)
-        n, d, r = B.shape
+        A = self.hydralora_A[adapter_name]  # (r, k)
         if not torch.is_autocast_enabled(x.device.type):
             # Under autocast every GEMM below casts to the autocast dtype itself; casting a bf16 x up to the fp32
             # adapter weights first would add two passes over x and change nothing (bf16 -> fp32 -> bf16 is exact).
             x = self._cast_input_dtype(x, A.dtype)
+        if self._plain_inference(adapter_name, x):
+            return self._delta_plain_inference(adapter_name, x, result)
         if layer_fused_supported(self, adapter_name, x, result):  # CUDA fast path (HYDRALORA_FUSED, see ops)
             return layer_hydra_delta_fused(self, adapter_name, x, result)
         offset = self._init_offset(adapter_name)
@@ -342,17 +348,53 @@ class HydraLoraLayer(BaseTunerLayer):
         h, logits = self._project(adapter_name, x, A, offset)  # (..., m) | (..., N, m), (..., N)
         gate = self._gate(adapter_name, logits, x)  # (..., N) fp32
         self._record(adapter_name, logits, gate, x)
+        return self._mix(adapter_name, h, gate, result, offset)
+
+    def _plain_inference(self, adapter_name: str, x: torch.Tensor) -> bool:
+        """Whether this call needs only h, the router's softmax and the mix: eval without a graph, token routing
+        by a router on x, one shared A, dense softmax, no masked experts, no R-LoRA offset, no real-token mask for
+        x (decode steps and unpadded eval calls; per-call Python is what decode pays for)."""
+        if self.training or torch.is_grad_enabled() or self.routing_mode != "token":
+            return False
+        cfg = self.hconfig[adapter_name]
+        top_k = cfg.top_k
+        return (cfg.router_input == "x" and cfg.shared_a and not cfg.masked_experts
+                and (top_k is None or top_k >= self.num_experts[adapter_name])
+                and adapter_name + "_A" not in self.hydralora_init and self._mask_for(x) is None)
+
+    def _delta_plain_inference(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """hydra_delta where _plain_inference holds: the general path's arithmetic without its branches."""
+        A, W_g = self.hydralora_A[adapter_name], self.hydralora_router[adapter_name]  # (r, k), (N, k)
+        r = A.shape[0]
+        AW = self._eval_cached(adapter_name + ".AW", (A, W_g), lambda: torch.cat([A, W_g], 0))  # (r+N, k)
+        hl = F.linear(x, AW)  # (..., r+N)
+        gate = self._token_probs(adapter_name, hl.narrow(-1, r, AW.shape[0] - r))  # (..., N) fp32
+        if self._recording:
+            self.last_aux_loss[adapter_name] = None
+            if self.hconfig[adapter_name].track_usage:
+                self._count_usage(adapter_name, gate, None)
+        return self._mix(adapter_name, hl.narrow(-1, 0, r), gate, result)  # h: (..., r)
+
+    def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
+             offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """result + (alpha/r) B_flat z with z = gate (x) h: every expert's B in one GEMM.
+
+        h: (..., m) with one shared A (m = r, or 2r with the R-LoRA offset) or (..., N*r) with one A per expert;
+        gate: (..., N) fp32; result: (..., d).
+        """
+        B = self.hydralora_B[adapter_name]  # (N, d, r)
+        n, d, r = B.shape
         gs = gate.to(h.dtype)  # (..., N)
         if not self.hconfig[adapter_name].shared_a:
-            h = h.reshape(*h.shape[:-1], n, r)  # (..., N, r): expert i reads its own A_i x
+            h = h.unflatten(-1, (n, r))  # (..., N, r): expert i reads its own A_i x
         hn = h.unsqueeze(-2) if h.dim() == gs.dim() else h  # (..., 1|N, m)
-        z = gs.unsqueeze(-1) * hn[..., :r]  # (..., N, r)
-        z = z.reshape(*z.shape[:-2], n * r)  # (..., N*r)
+        z = gs.unsqueeze(-1) * (hn if hn.shape[-1] == r else hn.narrow(-1, 0, r))  # (..., N, r)
+        z = z.flatten(-2)  # (..., N*r)
         # (d, N*r), expert-major along the rank; rebuilt only when B changes while no graph is recorded
         B_flat = self._eval_cached(adapter_name + ".B", (B,), lambda: B.permute(1, 0, 2).reshape(d, n * r))
         if offset is not None:
-            z0 = gs.unsqueeze(-1) * hn[..., r:]  # (..., N, r)
-            z = torch.cat([z, -z0.reshape(*z0.shape[:-2], n * r)], -1)  # (..., 2*N*r)
+            z0 = gs.unsqueeze(-1) * hn.narrow(-1, r, r)  # (..., N, r)
+            z = torch.cat([z, -z0.flatten(-2)], -1)  # (..., 2*N*r)
             B0_flat = offset[1].to(B.dtype).permute(1, 0, 2).reshape(d, n * r)  # (d, N*r)
             B_flat = torch.cat([B_flat, B0_flat], 1)  # (d, 2*N*r)
         scaling = self.scaling[adapter_name]
