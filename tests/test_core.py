@@ -372,38 +372,6 @@ def test_usage_weights_masked_and_unmasked_calls_by_their_real_tokens():
     torch.testing.assert_close(layer._usage("default"), layer.route(x2).mean(0))
 
 
-@pytest.mark.parametrize("extra,plain", [({}, True), ({"router_temperature": 0.5}, True), ({"track_usage": False}, True),
-                                         ({"top_k": 2}, False), ({"init_b": "rlora"}, False),
-                                         ({"router_input": "lora_a"}, False), ({"shared_a": False}, False)],
-                         ids=["default", "temperature", "no-usage", "top2", "rlora", "router-ax", "moe"])
-def test_plain_inference_path_equals_the_general_path(extra, plain, monkeypatch):
-    """Eval calls without a graph take a short path where nothing but h, the softmax and the mix is needed; it
-    gives the general path's outputs, usage statistics and (cleared) aux loss, and other configs keep the general
-    path."""
-    from hydralora.tuner.layer import HydraLoraLayer
-
-    _, model = build("llama", extra)
-    model.eval()
-    inputs = batch("llama")
-    taken = []
-    real = HydraLoraLayer._delta_plain_inference
-    monkeypatch.setattr(HydraLoraLayer, "_delta_plain_inference", lambda *a: taken.append(1) or real(*a))
-    res = {}
-    for short in (True, False):
-        if not short:
-            monkeypatch.setattr(HydraLoraLayer, "_plain_inference", lambda *a: False)
-        hydralora.expert_usage(model, reset=True)
-        with torch.no_grad():
-            logits = model(input_ids=inputs["input_ids"]).logits  # no attention mask: no real-token mask either
-        res[short] = (logits, hydralora.expert_usage(model))
-    assert bool(taken) == plain
-    torch.testing.assert_close(res[True][0], res[False][0])
-    assert res[True][1].keys() == res[False][1].keys()
-    for k, u in res[True][1].items():
-        torch.testing.assert_close(u, res[False][1][k])
-    assert all(layer.last_aux_loss.get("default") is None for _, layer in hydralora.hydra_layers(model))
-
-
 @pytest.mark.parametrize("extra", [{}, {"init_b": "rlora"}], ids=["default", "rlora"])
 def test_no_grad_outputs_follow_in_place_weight_updates(extra):
     """Derived weights reused under no_grad (eval, generate) are rebuilt when a parameter changes in place

@@ -338,8 +338,6 @@ class HydraLoraLayer(BaseTunerLayer):
             # Under autocast every GEMM below casts to the autocast dtype itself; casting a bf16 x up to the fp32
             # adapter weights first would add two passes over x and change nothing (bf16 -> fp32 -> bf16 is exact).
             x = self._cast_input_dtype(x, A.dtype)
-        if self._plain_inference(adapter_name, x):
-            return self._delta_plain_inference(adapter_name, x, result)
         if layer_fused_supported(self, adapter_name, x, result):  # CUDA fast path (HYDRALORA_FUSED, see ops)
             return layer_hydra_delta_fused(self, adapter_name, x, result)
         offset = self._init_offset(adapter_name)
@@ -349,31 +347,6 @@ class HydraLoraLayer(BaseTunerLayer):
         gate = self._gate(adapter_name, logits, x)  # (..., N) fp32
         self._record(adapter_name, logits, gate, x)
         return self._mix(adapter_name, h, gate, result, offset)
-
-    def _plain_inference(self, adapter_name: str, x: torch.Tensor) -> bool:
-        """Whether this call needs only h, the router's softmax and the mix: eval without a graph, token routing
-        by a router on x, one shared A, dense softmax, no masked experts, no R-LoRA offset, no real-token mask for
-        x (decode steps and unpadded eval calls; per-call Python is what decode pays for)."""
-        if self.training or torch.is_grad_enabled() or self.routing_mode != "token":
-            return False
-        cfg = self.hconfig[adapter_name]
-        top_k = cfg.top_k
-        return (cfg.router_input == "x" and cfg.shared_a and not cfg.masked_experts
-                and (top_k is None or top_k >= self.num_experts[adapter_name])
-                and adapter_name + "_A" not in self.hydralora_init and self._mask_for(x) is None)
-
-    def _delta_plain_inference(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """hydra_delta where _plain_inference holds: the general path's arithmetic without its branches."""
-        A, W_g = self.hydralora_A[adapter_name], self.hydralora_router[adapter_name]  # (r, k), (N, k)
-        r = A.shape[0]
-        AW = self._eval_cached(adapter_name + ".AW", (A, W_g), lambda: torch.cat([A, W_g], 0))  # (r+N, k)
-        hl = F.linear(x, AW)  # (..., r+N)
-        gate = self._token_probs(adapter_name, hl.narrow(-1, r, AW.shape[0] - r))  # (..., N) fp32
-        if self._recording:
-            self.last_aux_loss[adapter_name] = None
-            if self.hconfig[adapter_name].track_usage:
-                self._count_usage(adapter_name, gate, None)
-        return self._mix(adapter_name, hl.narrow(-1, 0, r), gate, result)  # h: (..., r)
 
     def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
              offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
