@@ -69,17 +69,21 @@ def sync(device: str) -> None:
 
 def time_ms(fn: Callable[[], None], device: str, warmup: int = 5, repeats: int = 20, inner: int = 1) -> dict:
     """Median (and spread) of `repeats` timings, each the mean over `inner` back-to-back calls, after `warmup` calls.
-    CUDA: events around each group (includes launch gaps, i.e. what the caller really waits for); CPU: perf_counter."""
+    CUDA: events around each group (includes launch gaps, i.e. what the caller really waits for), and host_ms, the
+    host's time to issue one call (near ms when a variant is bound by Python and launches, not by the GPU); CPU:
+    perf_counter."""
     for _ in range(warmup):
         fn()
     sync(device)
-    samples = []
+    samples, host = [], []
     for _ in range(repeats):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
+            host.append((time.perf_counter() - t0) * 1e3 / inner)  # time to issue the work (launch-bound if ~ms)
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end) / inner)
@@ -89,7 +93,10 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int = 5, repeats: int =
                 fn()
             samples.append((time.perf_counter() - t0) * 1e3 / inner)
     samples.sort()
-    return {"ms": statistics.median(samples), "min_ms": samples[0], "max_ms": samples[-1], "n": len(samples)}
+    out = {"ms": statistics.median(samples), "min_ms": samples[0], "max_ms": samples[-1], "n": len(samples)}
+    if host:
+        out["host_ms"] = statistics.median(host)
+    return out
 
 
 def free_memory() -> None:

@@ -166,7 +166,7 @@ def main():
     # Round-robin: every round times each variant once, so drifts and neighbours' load hit all variants alike; the
     # order is shuffled per round (seeded), so no variant always follows the same neighbour (session 4 saw the
     # variant timed right after torch.compile's come out slower in two runs).
-    samples = {v: [] for v in steps}
+    samples, host = {v: [] for v in steps}, {v: [] for v in steps}
     order_rng = random.Random(args.seed)
     for _ in range(repeats):
         order = list(steps)
@@ -174,11 +174,16 @@ def main():
         for v in order:
             step = steps[v]
             with C.fused_dispatch(v == "ours fused"):
-                samples[v].append(C.time_ms(step, dev, warmup=0, repeats=1, inner=inner)["ms"])
+                t = C.time_ms(step, dev, warmup=0, repeats=1, inner=inner)
+                samples[v].append(t["ms"])
+                if "host_ms" in t:
+                    host[v].append(t["host_ms"])
     for row in rows:
         s_ = sorted(samples.get(row["variant"], []))
         if s_:
             row.update(ms=s_[len(s_) // 2], min_ms=s_[0], max_ms=s_[-1], n=len(s_))
+            if host.get(row["variant"]):
+                row["host_ms"] = sorted(host[row["variant"]])[len(host[row["variant"]]) // 2]
             print(f"{row['variant']}: {row['ms']:.3f} ms", flush=True)
 
     base_ms = next(r["ms"] for r in rows if r["variant"] == "base")
@@ -190,7 +195,7 @@ def main():
     cols = [("variant", "variant", 0), ("ms", "ms (median)", 3), ("min_ms", "min", 3), ("max_ms", "max", 3),
             ("x_base", "x frozen base", 2), ("x_peft_r8", "x PEFT LoRA r=8", 2)]
     if cuda:
-        cols.append(("extra_mib", "fwd+bwd peak extra MiB", 0))
+        cols += [("host_ms", "host ms to issue", 3), ("extra_mib", "fwd+bwd peak extra MiB", 0)]
     info = C.env_info(dev)
     title = f"Layer {'forward (inference)' if args.inference else 'fwd+bwd'}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
             f"precision {args.precision}, {info.get('gpu', info.get('cpu'))}"

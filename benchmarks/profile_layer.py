@@ -4,9 +4,13 @@ docs/performance.md: the frozen layer's three GEMMs against everything a variant
 
     python benchmarks/profile_layer.py --device cuda --variant "ours fused" --precision amp --trace out/fused.json
     python benchmarks/profile_layer.py --device cpu --variant "peft r8" --tokens 256 --features 256
+    python benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50   # Python side
 """
 
 from __future__ import annotations
+
+import cProfile
+import pstats
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,6 +31,9 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=25, help="rows of the table")
     p.add_argument("--trace", default=None, metavar="OUT", help="also write a Chrome trace (chrome://tracing, Perfetto)")
+    p.add_argument("--host", action="store_true",
+                   help="profile the host side instead (cProfile: Python functions by own time, what a launch-bound "
+                        "variant spends before the GPU gets its work)")
     args = p.parse_args()
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
@@ -43,6 +50,16 @@ def main():
         for _ in range(3):  # warm-up: autotuning, compilation, allocator
             step()
         C.sync(dev)
+        if args.host:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.steps):
+                step()
+            prof.disable()
+            C.sync(dev)
+            print(f"{args.variant}: host side of {args.steps} steps (cProfile, by own time)")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
+            return
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             for _ in range(args.steps):

@@ -314,9 +314,12 @@ def test_triton_under_autocast_with_fp32_adapter(own_base, monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("amp", [False, True])
 def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
-    """HydraLinear's own forward with the dispatch on against HYDRALORA_FUSED=0. x's gradient sums the base's and the
-    adapter's parts in bf16 (B ~ N(0, 0.3) makes the adapter's large): a first version of this test measured rel
-    0.0248 on it on an H100, so its bound is 3e-2; the weights' gradients keep 2e-2."""
+    """HydraLinear's own forward with the dispatch on (HYDRALORA_FUSED=1) and off, each against a float64 copy of the
+    layer: the fused path must be about as accurate as the eager path it replaces. (Comparing the two bf16 paths
+    with each other measured rel 0.0248 on x's gradient on an H100 and 0.0258 on W_g's on an H200: two bf16 errors
+    of ~1-2% each, not a fault of either; the float64 reference tells them apart.)"""
+    import copy
+
     T, k, d, r, n = SHAPES[2]
     layer = make_layer(k=k, d=d, r=r, n=n, temp=0.7, device="cuda", dtype=torch.float32 if amp else torch.bfloat16).train()
     layer.base_layer.to(torch.bfloat16)
@@ -328,10 +331,15 @@ def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             assert layer_fused_supported(layer, "default", x, layer.base_layer(x)) == (switch == "1")
             res[switch] = run_reference(layer, x, dy)
-    (o0, g0), (o1, g1) = res["0"], res["1"]
-    assert rel(o1, o0) < 1e-2
-    for name, a, b in zip(["x", "A", "W_g", "B"], g1, g0):
-        assert a.dtype == b.dtype and rel(a, b) < (3e-2 if name == "x" else 2e-2), name
+    monkeypatch.setenv("HYDRALORA_FUSED", "0")
+    x64 = x.detach().double().requires_grad_()
+    res["fp64"] = run_reference(copy.deepcopy(layer).double(), x64, dy.double())
+    (o0, g0), (o1, g1), (o_ref, g_ref) = res["0"], res["1"], res["fp64"]
+    assert rel(o1, o_ref) <= 2 * rel(o0, o_ref) + 2e-3
+    for name, fused, eager, ref in zip(["x", "A", "W_g", "B"], g1, g0, g_ref):
+        assert fused.dtype == eager.dtype
+        e_fused, e_eager = rel(fused, ref), rel(eager, ref)
+        assert e_fused < 3e-2 and e_fused <= 2 * e_eager + 2e-3, (name, e_fused, e_eager)
 
 
 @needs_gpu
