@@ -109,12 +109,11 @@ def sweep(T, K, R, N, t, dev):
     dx = torch.empty_like(x)
     for bt, bk, ks, w, s in itertools.product((64, 128), (64, 128), (1, 2, 4, 8), (4, 8), (3,)):
         nT = triton.cdiv(T, bt)
-        pa = torch.empty(nT, R, K, device=dev, dtype=torch.float32)
-        pg = torch.empty(nT, N, K, device=dev, dtype=torch.float32)
+        part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)
 
-        def run(bt=bt, bk=bk, ks=ks, w=w, s=s, nT=nT, pa=pa, pg=pg):
+        def run(bt=bt, bk=bk, ks=ks, w=w, s=s, nT=nT, part=part):
             tk._bwd_x.fn[(nT, ks)](
-                x, dz, h, gate, gate, A, G, dx, pa, pg, T, K, fops._tb(T), s1, s2, t["thr"], t["inv_keep"], 2.0,
+                x, dz, h, gate, gate, A, G, dx, part, T, K, fops._tb(T), s1, s2, t["thr"], t["inv_keep"], 2.0,
                 1.0, R=R, N=N, RP=RP, NP=NP, BT=bt, DROPOUT=t["dropout"], HAS_GL=False, NEED_DX=True, BK=bk,
                 KSPLIT=ks, num_warps=w, num_stages=s)
         try:

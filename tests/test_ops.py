@@ -343,6 +343,35 @@ def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
 
 
 @needs_gpu
+def test_cached_launch_computes_what_the_first_launch_computed():
+    """The first call for a key autotunes and compiles; later calls launch the cached compiled kernel directly
+    (fops._launch). Both must compute the PyTorch backend's function with the same dropout seed, and an input that is
+    not 16-byte aligned must not reuse a kernel compiled for aligned pointers."""
+    T, K, d, R, N = 256, 128, 96, 8, 3
+    fops._COMPILED.clear()
+    for i, offset in enumerate([0, 0, 0, 3]):  # offset: bf16 elements before x's first (3 -> 6 bytes off)
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(T * K + offset, generator=g).to("cuda", torch.bfloat16)[offset:].view(T, K)
+        A = (torch.randn(R, K, generator=g) * 0.1).to("cuda", torch.bfloat16)
+        G = (torch.randn(N, K, generator=g) * 0.3).to("cuda", torch.bfloat16)
+        B = (torch.randn(N, d, R, generator=g) * 0.1).to("cuda", torch.bfloat16)
+        res = torch.randn(T, d, generator=g).to("cuda", torch.bfloat16)
+        dy = torch.randn(T, d, generator=g).to("cuda", torch.bfloat16)
+        outs = {}
+        for be in ("torch", "triton"):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, A, G, B)]
+            torch.manual_seed(100 + i)  # the same dropout seed for both backends
+            out, raw, gate = hydra_delta_fused(*leaves[:3], leaves[3], res, 2.0, dropout_p=0.1, training=True,
+                                               temperature=0.7, backend=be)
+            (out.float() * dy.float()).sum().backward()
+            outs[be] = [out, *(t.grad for t in leaves)]
+        for name, a, b in zip(["out", "x", "A", "W_g", "B"], outs["triton"], outs["torch"]):
+            assert rel(a, b) < 2e-2, (i, name)
+    kinds = [k for k in fops._COMPILED if k[0] == "_proj_fwd"]
+    assert len(kinds) == 2  # aligned and unaligned x: two compiled variants, not one reused for both
+
+
+@needs_gpu
 def test_triton_keep_mask_is_the_torch_mask():
     """With A = identity rows, h exposes the kernel's mask: compare it with the PyTorch mask element by element."""
     T, k = 64, 16
@@ -433,7 +462,7 @@ def test_triton_kernels_compile_for_hopper(dropout):
     fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32"}
     fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "BT": 64, "BK": 64}
     bwd = {"X": "*bf16", "DZ": "*bf16", "H": "*fp32", "P": "*fp32", "GL": "*fp32", "A": "*bf16", "G": "*bf16",
-           "DX": "*bf16", "PA": "*fp32", "PG": "*fp32"}
+           "DX": "*bf16", "PART": "*fp32"}
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
              "BK": 64, "KSPLIT": 2}
     for kernel, ptrs, const in [(tk._proj_fwd, fwd, fwd_c), (tk._bwd_x, bwd, bwd_c)]:

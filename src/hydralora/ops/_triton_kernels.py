@@ -8,7 +8,8 @@ _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two sm
     index): never stored, regenerated in backward.
 _bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward included), then per K tile writes
     dx = mask * (dh A) / (1 - p) + dlogits W_g and per-row-block partial sums of dA = dh^T (mask * x) / (1 - p)
-    and dW_g = dlogits^T x (summed over row blocks afterwards: deterministic, no atomics).
+    and dW_g = dlogits^T x into one (row blocks, R + N, K) buffer (summed over row blocks afterwards in one
+    reduction: deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _fwd_configs():
 
 
 @triton.autotune(configs=_fwd_configs(), key=["K", "TB", "DROPOUT"])
-@triton.jit(do_not_specialize=["s1", "s2"])  # a fresh seed per call must not select (and compile) a new variant
+# A fresh seed per call, or a new token count, must not select (and compile) a new variant: no specialization on them.
+@triton.jit(do_not_specialize=["T", "TB", "s1", "s2"])
 def _proj_fwd(
     X, A, G, Z, H, P, L, T, K, TB, s1, s2, thr, inv_keep, scaling, inv_temp,
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
@@ -95,9 +97,9 @@ def _bwd_configs():
 
 
 @triton.autotune(configs=_bwd_configs(), key=["K", "TB", "DROPOUT", "NEED_DX"])
-@triton.jit(do_not_specialize=["s1", "s2"])
+@triton.jit(do_not_specialize=["T", "TB", "s1", "s2"])
 def _bwd_x(
-    X, DZ, H, P, GL, A, G, DX, PA, PG, T, K, TB, s1, s2, thr, inv_keep, scaling, inv_temp,
+    X, DZ, H, P, GL, A, G, DX, PART, T, K, TB, s1, s2, thr, inv_keep, scaling, inv_temp,
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_GL: tl.constexpr, NEED_DX: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
 ):
@@ -150,5 +152,6 @@ def _bwd_x(
             tl.store(DX + rows[:, None] * K + cols[None, :], dx.to(DX.dtype.element_ty), mask=xm)
         pa = tl.dot(dh_t, xd)  # [RP, BK]
         pg = tl.dot(dl_t, x)  # [NP, BK]
-        tl.store(PA + pid_t * R * K + jr[:, None] * K + cols[None, :], pa, mask=(jr[:, None] < R) & cmask[None, :])
-        tl.store(PG + pid_t * N * K + jn[:, None] * K + cols[None, :], pg, mask=(jn[:, None] < N) & cmask[None, :])
+        part = PART + pid_t * (R + N) * K  # this row block's (R + N, K) slab: dA rows, then dW_g rows
+        tl.store(part + jr[:, None] * K + cols[None, :], pa, mask=(jr[:, None] < R) & cmask[None, :])
+        tl.store(part + (R + jn[:, None]) * K + cols[None, :], pg, mask=(jn[:, None] < N) & cmask[None, :])
