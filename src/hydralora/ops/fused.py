@@ -147,7 +147,8 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
     if hit is not None:
         compiled, cfg = hit
         values = dict(zip(kernel.fn.arg_names, args), **kw, **cfg)
-        compiled[grid(values)](*[values[n] for n in kernel.fn.arg_names])
+        g = tuple(grid(values))
+        compiled[g + (1,) * (3 - len(g))](*[values[n] for n in kernel.fn.arg_names])  # the runner wants 3 dims
         return
     compiled = kernel[grid](*args, **kw)
     if hasattr(compiled, "result"):  # an asynchronous compile's future
