@@ -50,6 +50,15 @@ def test_profile_layer_prints_the_ops(tmp_path):
     assert "aten::mm" in proc.stdout and json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
 
 
+def test_breakdown_layer_times_every_stage(tmp_path):
+    proc = _run("breakdown_layer.py", "--tokens", "64", "--features", "64", "--json", str(tmp_path / "out.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    stages = [r for r in rows if "MB" in r]
+    assert len(stages) >= 15 and all(r["ms"] > 0 and r["GB_s"] > 0 for r in stages)
+    assert {r["stage"] for r in rows} >= {"sum of fused stages", "sum of peft stages"}
+
+
 def test_bad_precision_is_refused():
     proc = _run("bench_layer.py", "--precision", "fp8")
     assert proc.returncode == 2 and "--precision" in proc.stderr and "'pure', 'amp'" in proc.stderr

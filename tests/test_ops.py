@@ -359,7 +359,8 @@ def test_cached_launch_computes_what_the_first_launch_computed():
         dy = torch.randn(T, d, generator=g).to("cuda", torch.bfloat16)
         outs = {}
         for be in ("torch", "triton"):
-            leaves = [t.detach().clone().requires_grad_() for t in (x, A, G, B)]
+            # x.detach() keeps x's storage offset (a clone would be a fresh, aligned allocation)
+            leaves = [x.detach().requires_grad_(), *(t.detach().clone().requires_grad_() for t in (A, G, B))]
             torch.manual_seed(100 + i)  # the same dropout seed for both backends
             out, raw, gate = hydra_delta_fused(*leaves[:3], leaves[3], res, 2.0, dropout_p=0.1, training=True,
                                                temperature=0.7, backend=be)
