@@ -31,6 +31,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=25, help="rows of the table")
     p.add_argument("--trace", default=None, metavar="OUT", help="also write a Chrome trace (chrome://tracing, Perfetto)")
+    p.add_argument("--inference", action="store_true", help="forward only, eval mode, no grad (decode-like calls)")
     p.add_argument("--host", action="store_true",
                    help="profile the host side instead (cProfile: Python functions by own time, what a launch-bound "
                         "variant spends before the GPU gets its work)")
@@ -40,10 +41,10 @@ def main():
     T = args.tokens or (8192 if cuda else 2048)
     k = d = args.features or (4096 if cuda else 1024)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    x = torch.randn(T, k, generator=gen).to(dev, dt).requires_grad_()
+    x = torch.randn(T, k, generator=gen).to(dev, dt).requires_grad_(not args.inference)
     dy = torch.randn(T, d, generator=gen).to(dev, dt)
     layer, trainable = build(args.variant, k, d, dev, dt, args)
-    layer.train()
+    layer.train(not args.inference)
     step = make_step(layer, trainable, x, dy, args)
 
     with C.fused_dispatch(args.variant == "ours fused"):

@@ -393,6 +393,29 @@ def test_no_grad_outputs_follow_in_place_weight_updates(extra):
     torch.testing.assert_close(out(model, inputs), after)
 
 
+@pytest.mark.parametrize("extra", [{}, {"top_k": 2}, {"init_b": "rlora"}, {"router_input": "lora_a"},
+                                   {"shared_a": False, "router_input": "lora_a"}],
+                         ids=["default", "top2", "rlora", "router-on-Ax", "moe"])
+def test_eval_layer_compiles_as_one_graph(extra):
+    """torch.compile(fullgraph=True) traces an eval-mode layer without a graph break (the no-grad weight reuse steps
+    aside under compile), computes what eager computes, and still counts expert usage per call."""
+    import torch._dynamo
+
+    from hydralora import HydraLinear
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = HydraLoraConfig(r=4, lora_alpha=8, num_experts=3, target_modules=["x"], **extra)
+    layer = HydraLinear(torch.nn.Linear(32, 24), "default", cfg).eval()
+    randomize_adapters(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for t in (1, 5, 3):
+            x = torch.randn(2, t, 32)
+            torch.testing.assert_close(compiled(x), layer(x))
+    assert layer._usage_tokens_host["default"] == 2 * 2 * (1 + 5 + 3)  # eager and compiled calls alike
+
+
 def test_trainer_steps_lower_the_loss(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments

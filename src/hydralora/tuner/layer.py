@@ -372,9 +372,13 @@ class HydraLoraLayer(BaseTunerLayer):
             B_flat = torch.cat([B_flat, B0_flat], 1)  # (d, 2*N*r)
         scaling = self.scaling[adapter_name]
         if result.dtype == z.dtype and result.is_contiguous():
-            # Residual add and alpha/r in the GEMM epilogue: y is read once, and no separate scaling op runs.
-            out = torch.addmm(result.reshape(-1, d), z.reshape(-1, z.shape[-1]), B_flat.t(), alpha=scaling)  # (T, d)
-            return out.view(result.shape)
+            # Residual add and alpha/r in the GEMM's epilogue (beta = 1), no separate scaling op. Out of place,
+            # torch.addmm first copies y into a new output (one more pass over y and, on a GPU, one more launch); with
+            # no graph recorded (generation, eval) nothing else needs the base output, so y is updated in place.
+            y2, z2 = result.reshape(-1, d), z.reshape(-1, z.shape[-1])  # (T, d), (T, N*r)
+            if not torch.is_grad_enabled():
+                return y2.addmm_(z2, B_flat.t(), alpha=scaling).view(result.shape)
+            return torch.addmm(y2, z2, B_flat.t(), alpha=scaling).view(result.shape)  # (..., d)
         return result + (F.linear(z, B_flat) * scaling).to(result.dtype)  # (..., d)
 
     def _eval_cached(self, key: str, params: tuple[torch.Tensor, ...], build):
@@ -385,8 +389,8 @@ class HydraLoraLayer(BaseTunerLayer):
         Sharded engines that rewrite a parameter's storage without an in-place op (not seen with DDP; unverified
         for FSDP evaluation between steps) would defeat the stamp: `layer._weight_cache.clear()` resets it.
         """
-        if torch.is_grad_enabled():
-            return build()
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return build()  # under torch.compile the graph holds the build, and data_ptr stamps would break it
         try:
             stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         except RuntimeError:  # inference tensors keep no version counter: do not cache

@@ -104,6 +104,8 @@ class HydraLoraModel(BaseTuner):
         if torch.is_tensor(mask) and mask.dim() == 2 and seq_len is not None and mask.shape[1] >= seq_len:
             token_mask = mask[:, -seq_len:].bool()  # (B, T): align with this call's tokens (decode steps)
         past = kwargs.get("past_key_values")
+        if past is None:
+            past = kwargs.get("cache")  # the name transformers gives the KV cache since 5.2x
         decoding = False
         if past is not None:
             get_len = getattr(past, "get_seq_length", None)
