@@ -5,9 +5,11 @@ all measured in the same run.
     python benchmarks/bench_layer.py --device cpu             # 1024x1024, 2048 tokens, fp32 (target 4), < 1 min
 
 Variants: base, PEFT LoRA r=8/16/32, the authors' formulation, ours eager (HydraLinear with HYDRALORA_FUSED=0),
-ours torch.compile (of the eager layer), ours fused (HydraLinear with HYDRALORA_FUSED=1: base_layer(x), then
-hydralora.ops.hydra_delta_fused adds the adapter) and ours fused+base (hydralora.ops.hydra_linear_fused: the base
-GEMM inside the op too, the adapter's dx added in the base's dx GEMM).
+ours torch.compile (of the eager layer), ours fused (HydraLinear with HYDRALORA_FUSED=1: its base is a plain
+nn.Linear, so the layer runs base and adapter in hydralora.ops.hydra_linear_fused, the adapter's dx added in the
+base's dx GEMM), ours fused delta (the same layer with a forward hook on its base, which keeps base_layer(x) and
+then hydralora.ops.hydra_delta_fused: the path of any other base layer) and ours fused+base (hydra_linear_fused
+called directly, without the layer).
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def build(variant, k, d, dev, dt, args):
         return torch.compile(layer), trainable
     if variant == "ours fused+base":
         return FusedWithBase(layer), trainable
+    if variant == "ours fused delta":
+        layer.base_layer.register_forward_hook(lambda module, args, output: None)  # base_layer(x) + delta
+        return layer, trainable
     return layer, trainable
 
 
@@ -130,7 +135,7 @@ def main():
     if cuda or args.compile:
         variants.append("ours compile")
     if cuda:
-        variants += ["ours fused", "ours fused+base", "base (again)"]
+        variants += ["ours fused", "ours fused delta", "ours fused+base", "base (again)"]
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",")]
     print(f"layer {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout={args.dropout}, {dt}, precision {args.precision}, {dev}", flush=True)
@@ -149,7 +154,7 @@ def main():
             layer.train(not args.inference)
 
             step = make_step(layer, trainable, x, dy, args)
-            with C.fused_dispatch(v == "ours fused"):
+            with C.fused_dispatch(v.startswith("ours fused")):
                 mem = {}
                 C.free_memory()
                 base_alloc = torch.cuda.memory_allocated() if cuda else 0
@@ -173,7 +178,7 @@ def main():
         order_rng.shuffle(order)
         for v in order:
             step = steps[v]
-            with C.fused_dispatch(v == "ours fused"):
+            with C.fused_dispatch(v.startswith("ours fused")):
                 t = C.time_ms(step, dev, warmup=0, repeats=1, inner=inner)
                 samples[v].append(t["ms"])
                 if "host_ms" in t:

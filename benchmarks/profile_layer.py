@@ -22,7 +22,7 @@ from bench_layer import build, make_step
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--variant", default="ours eager", help="a bench_layer variant (base, peft r8, authors, ours eager, "
-                                                             "ours compile, ours fused, ours fused+base)")
+                                                             "ours compile, ours fused, ours fused delta, ours fused+base)")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--features", type=int, default=None, help="in = out features")
     p.add_argument("--r", type=int, default=8)
@@ -47,7 +47,7 @@ def main():
     layer.train(not args.inference)
     step = make_step(layer, trainable, x, dy, args)
 
-    with C.fused_dispatch(args.variant == "ours fused"):
+    with C.fused_dispatch(args.variant.startswith("ours fused")):
         for _ in range(3):  # warm-up: autotuning, compilation, allocator
             step()
         C.sync(dev)

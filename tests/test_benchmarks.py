@@ -13,7 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
     "bench_layer.py": ["--features", "64", "--tokens", "32", "--repeats", "1", "--threads", "1",
-                       "--variants", "base,peft r8,authors,ours eager,ours fused"],
+                       "--variants", "base,peft r8,authors,ours eager,ours fused,ours fused delta"],
     "bench_train_step.py": ["--targets", "qv", "--checkpointing", "off,on"],
     "bench_generate.py": ["--new-tokens", "3", "--repeats", "1"],
     "saved_activations.py": ["--hidden", "64", "--seq", "16"],
@@ -57,6 +57,11 @@ def test_breakdown_layer_times_every_stage(tmp_path):
     stages = [r for r in rows if "MB" in r]
     assert len(stages) >= 15 and all(r["ms"] > 0 and r["GB_s"] > 0 for r in stages)
     assert {r["stage"] for r in rows} >= {"sum of fused stages", "sum of peft stages"}
+
+
+def test_launch_overhead_needs_cuda_and_says_so():
+    proc = _run("launch_overhead.py", "--tokens", "16", "--features", "16")
+    assert proc.returncode == 0 and "needs CUDA" in proc.stdout
 
 
 def test_bad_precision_is_refused():

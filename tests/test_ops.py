@@ -234,6 +234,8 @@ def test_layer_dispatch_plumbing(monkeypatch):
     monkeypatch.setattr(fops, "fused_supported", lambda *a, **k: True)
     monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
     layer = make_layer(temp=0.5, balance_loss_coef=0.1).train()
+    # A hook keeps base_layer(x) + delta (a plain base would run inside hydra_linear_fused: tested below).
+    layer.base_layer.register_forward_hook(lambda module, args, output: None)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 6, 48, generator=gen).requires_grad_()
     dy = torch.randn(2, 6, 40, generator=gen)
@@ -340,6 +342,38 @@ def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
         assert fused.dtype == eager.dtype
         e_fused, e_eager = rel(fused, ref), rel(eager, ref)
         assert e_fused < 3e-2 and e_fused <= 2 * e_eager + 2e-3, (name, e_fused, e_eager)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_runs_a_plain_linear_base_inside_the_op_where_the_dispatch_applies(bias, monkeypatch):
+    """Where the fused dispatch applies (forced here on the CPU, where the op's PyTorch backend runs) and the base is a
+    plain frozen nn.Linear, HydraLinear runs base and adapter in one op (hydra_linear_fused): the same outputs,
+    gradients and usage statistics as base_layer(x) + delta. A hooked base stays on base_layer(x) + delta."""
+    torch.manual_seed(0)
+    layer = make_layer(k=48, d=40, r=4, n=3, temp=0.7).train()
+    if bias:
+        layer.base_layer.bias = nn.Parameter(torch.randn(40), requires_grad=False)
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    dy = torch.randn(2, 5, 40)
+    ref_out, ref_g = run_reference(layer, x, dy)
+    ref_usage = layer.usage_sum["default"].clone()
+    calls = []
+    real = fops.hydra_linear_fused
+    monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
+    monkeypatch.setattr(fops, "layer_fused_supported", lambda layer, name, x, result=None: True)
+    monkeypatch.setattr(fops, "hydra_linear_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer.reset_usage()
+    out, g = run_reference(layer, x, dy)
+    assert calls, "the layer did not take the fused base+adapter op"
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.usage_sum["default"], ref_usage)
+    calls.clear()
+    hook = layer.base_layer.register_forward_hook(lambda module, args, output: None)
+    run_reference(layer, x, dy)
+    hook.remove()
+    assert not calls  # a base with hooks is called as base_layer(x)
 
 
 @needs_gpu

@@ -8,6 +8,7 @@ from .fused import (
     hydra_linear_fused,
     layer_fused_supported,
     layer_hydra_delta_fused,
+    layer_linear_fused,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "hydra_linear_fused",
     "layer_fused_supported",
     "layer_hydra_delta_fused",
+    "layer_linear_fused",
 ]

@@ -14,7 +14,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from ..ops import layer_fused_supported, layer_hydra_delta_fused
+from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
 from ..ops.project import dropout_project, use_dropout_project
 from .config import HydraLoraConfig
 
@@ -376,7 +376,7 @@ class HydraLoraLayer(BaseTunerLayer):
             # torch.addmm first copies y into a new output (one more pass over y and, on a GPU, one more launch); with
             # no graph recorded (generation, eval) nothing else needs the base output, so y is updated in place.
             y2, z2 = result.reshape(-1, d), z.reshape(-1, z.shape[-1])  # (T, d), (T, N*r)
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() and B_flat.dtype == z.dtype:  # (in-place ops are outside autocast)
                 return y2.addmm_(z2, B_flat.t(), alpha=scaling).view(result.shape)
             return torch.addmm(y2, z2, B_flat.t(), alpha=scaling).view(result.shape)  # (..., d)
         return result + (F.linear(z, B_flat) * scaling).to(result.dtype)  # (..., d)
@@ -429,6 +429,10 @@ class HydraLinear(nn.Module, HydraLoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if not self.merged and not args and not kwargs:
+            fused = layer_linear_fused(self, x)  # CUDA: a plain nn.Linear base and the adapter in one op, or None
+            if fused is not None:
+                return fused  # (..., d)
         result = self.base_layer(x, *args, **kwargs)  # (..., d)
         if self.merged:
             return result
