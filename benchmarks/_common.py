@@ -35,6 +35,21 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_layer_args(p: argparse.ArgumentParser) -> None:
+    """The one-layer benchmarks' shape: tokens and features (defaults by device, see layer_shape), r, N, dropout."""
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--features", type=int, default=None, help="in = out features")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--dropout", type=float, default=0.05)
+
+
+def layer_shape(args, cpu_default: tuple[int, int] = (2048, 1024)) -> tuple[int, int]:
+    """(tokens, features): --tokens/--features, else 8192 x 4096 on CUDA (issue 5's layer), else cpu_default."""
+    T, k = (8192, 4096) if args.device == "cuda" else cpu_default
+    return args.tokens or T, args.features or k
+
+
 def get_peft_model(model, config, args):
     """peft.get_peft_model with the adapter weights' dtype of --precision (the same rule for every variant)."""
     import peft

@@ -111,11 +111,7 @@ def make_step(layer, trainable, x, dy, args):
 
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--features", type=int, default=None, help="in = out features")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--dropout", type=float, default=0.05)
+    C.add_layer_args(p)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--variants", default=None, help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the CPU target is for 2)")
@@ -125,8 +121,8 @@ def main():
     args = p.parse_args()
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
-    T = args.tokens or (8192 if cuda else 2048)
-    k = d = args.features or (4096 if cuda else 1024)
+    T, k = C.layer_shape(args)
+    d = k
     repeats = args.repeats or (30 if cuda else 7)
     inner = 5 if cuda else 1
     warmup = 10 if cuda else 2

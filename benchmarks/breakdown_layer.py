@@ -125,17 +125,13 @@ def sweep(T, K, R, N, t, dev):
 
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--features", type=int, default=None, help="in = out features")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--dropout", type=float, default=0.05)
+    C.add_layer_args(p)
     p.add_argument("--sweep", action="store_true", help="also time a grid of Triton kernel configs (CUDA)")
     args = p.parse_args()
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
-    T = args.tokens or (8192 if cuda else 1024)
-    K = d = args.features or (4096 if cuda else 512)
+    T, K = C.layer_shape(args, cpu_default=(1024, 512))
+    d = K
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     rows_in, tensors = stages(T, K, d, args.r, args.experts, args.dropout, dev, dt, gen)
     rows = []

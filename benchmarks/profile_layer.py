@@ -23,11 +23,7 @@ def main():
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--variant", default="ours eager", help="a bench_layer variant (base, peft r8, authors, ours eager, "
                                                              "ours compile, ours fused, ours fused delta, ours fused+base)")
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--features", type=int, default=None, help="in = out features")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--dropout", type=float, default=0.05)
+    C.add_layer_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=25, help="rows of the table")
     p.add_argument("--trace", default=None, metavar="OUT", help="also write a Chrome trace (chrome://tracing, Perfetto)")
@@ -38,8 +34,8 @@ def main():
     args = p.parse_args()
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
-    T = args.tokens or (8192 if cuda else 2048)
-    k = d = args.features or (4096 if cuda else 1024)
+    T, k = C.layer_shape(args)
+    d = k
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     x = torch.randn(T, k, generator=gen).to(dev, dt).requires_grad_(not args.inference)
     dy = torch.randn(T, d, generator=gen).to(dev, dt)
