@@ -195,7 +195,7 @@ def _bwd_x_triton(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_t
     args = (x2, dz, h, gate, gl_arg, A, G, dx, part, T, K, _tb(T), seed[0], seed[1], thr, inv_keep, scaling, inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
     _launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2}, (K, _tb(T)))
-    dAG = part.sum(0)  # (R + N, K)
+    dAG = part.sum(0).to(A.dtype)  # (R + N, K): one reduction and one cast for both weights (A, G share a dtype here)
     return (dx if need_dx else None), dAG[:R], dAG[R:]
 
 
