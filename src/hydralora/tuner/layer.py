@@ -312,10 +312,11 @@ class HydraLoraLayer(BaseTunerLayer):
         n = gate.shape[-1]
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             # Weighted sums, not boolean indexing (no device sync); without a mask the count stays on the host.
-            g = gate.detach().reshape(-1, n)  # (T, N)
+            tokens = gate.numel() // n
             if mask is None:
-                s, t = g.sum(0), None  # (N,); the count stays on the host
+                s, t = gate.sum(tuple(range(gate.dim() - 1))), None  # (N,): one reduction, no reshape
             else:
+                g = gate.reshape(-1, n)  # (T, N)
                 w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
                 s, t = (g * w).sum(0), w.sum()  # (N,), ()
             if adapter_name in self.usage_sum and self.usage_sum[adapter_name].device == s.device:
@@ -325,7 +326,7 @@ class HydraLoraLayer(BaseTunerLayer):
                 self.usage_tokens.pop(adapter_name, None)
                 self._usage_tokens_host.pop(adapter_name, None)
             if t is None:
-                self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + g.shape[0]
+                self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
             elif adapter_name in self.usage_tokens:
                 self.usage_tokens[adapter_name] += t
             else:
