@@ -265,11 +265,12 @@ class HydraLoraLayer(BaseTunerLayer):
         cfg = self.hconfig[adapter_name]
         W_g = self.hydralora_router[adapter_name]
         drop = self.hydralora_dropout[adapter_name]
-        n, m, r = W_g.shape[0], A.shape[0], self.hydralora_A[adapter_name].shape[0]  # r: rows of A proper
+        A_own = A if offset is None else self.hydralora_A[adapter_name]  # A proper (A has A0 under it with offset)
+        n, m, r = W_g.shape[0], A.shape[0], A_own.shape[0]  # r: rows of A proper
         dropout_active = self.training and not isinstance(drop, nn.Identity)
         if cfg.router_input == "x" and not dropout_active:
             # One GEMM for A and the router: both read the same x.
-            srcs = (self.hydralora_A[adapter_name], W_g, *(offset or ())[:1])
+            srcs = (A_own, W_g, *(offset or ())[:1])
             AW = self._eval_cached(adapter_name + ".AW", srcs, lambda: torch.cat([A, W_g], 0))  # (m+N, k)
             hl = F.linear(x, AW)  # (..., m+N)
             return hl[..., :m], hl[..., m:]
