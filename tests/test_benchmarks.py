@@ -64,6 +64,13 @@ def test_launch_overhead_needs_cuda_and_says_so():
     assert proc.returncode == 0 and "needs CUDA" in proc.stdout
 
 
+def test_gpu_suite_parses_and_calls_scripts_that_exist():
+    script = BENCH / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    called = {w for line in script.read_text().splitlines() for w in line.split() if w.startswith("benchmarks/")}
+    assert called and all((BENCH.parent / c).exists() for c in called), called
+
+
 def test_bad_precision_is_refused():
     proc = _run("bench_layer.py", "--precision", "fp8")
     assert proc.returncode == 2 and "--precision" in proc.stderr and "'pure', 'amp'" in proc.stderr

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/performance.md in one command (CUDA machine, ~10 minutes on an H200):
+#   bash benchmarks/gpu_suite.sh OUTDIR
+# GPU tests first (the fused path's correctness), then the layer, launch, host-profile, train-step and generate
+# benchmarks; each step's JSON and log land in OUTDIR, and a failing step does not stop the ones after it.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, print the log's tail
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "   exit $?"
+  tail -n 15 "$out/$name.log"
+}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$out/gpu.txt" 2>&1
+step tests 180 python3 -m pytest -q tests/test_ops.py
+step layer_pure 120 python3 benchmarks/bench_layer.py --device cuda --precision pure --json "$out/layer_pure.json"
+step layer_amp 120 python3 benchmarks/bench_layer.py --device cuda --precision amp --json "$out/layer_amp.json"
+step launch 60 python3 benchmarks/launch_overhead.py --device cuda --json "$out/launch.json"
+step host_profile 60 python3 benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50
+step train_pure 200 python3 benchmarks/bench_train_step.py --device cuda --precision pure --json "$out/train_pure.json"
+step generate 200 python3 benchmarks/bench_generate.py --device cuda --repeats 5 --json "$out/generate.json"
