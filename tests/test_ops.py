@@ -376,6 +376,61 @@ def test_layer_runs_a_plain_linear_base_inside_the_op_where_the_dispatch_applies
     assert not calls  # a base with hooks is called as base_layer(x)
 
 
+class _FakeKernel:
+    """Stands in for an autotuned Triton kernel: kernel[grid](...) is the autotuner's path and returns a compiled
+    kernel whose [grid](...) is the direct launch (what fused._launch caches)."""
+
+    def __init__(self, direct_fails=False):
+        self.fn = type("fn", (), {"__name__": "_fake", "arg_names": ["X", "T", "K", "BT"]})()
+        self.best_config = type("cfg", (), {"kwargs": {"BT": 16}})()
+        self.tuned, self.direct, self.direct_fails = [], [], direct_fails
+        outer = self
+
+        class Compiled:
+            def __getitem__(self, grid):
+                def run(*args):
+                    if outer.direct_fails:
+                        raise TypeError("runner signature changed")
+                    outer.direct.append((grid, args))
+                return run
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.tuned.append((grid({**dict(zip(self.fn.arg_names, args)), **kw, "BT": 16}), args))
+            return self.compiled
+        return run
+
+
+@pytest.mark.parametrize("direct_fails", [False, True])
+def test_launch_caches_the_compiled_kernel_and_falls_back_when_it_cannot(direct_fails, monkeypatch):
+    """fused._launch: the first call for a key goes through the autotuner, later ones launch the cached compiled
+    kernel with every argument in order (the config's included); a new alignment or divisibility is a new key; a
+    direct launch that fails warns, launches through the autotuner and stops caching."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
+    monkeypatch.setattr(fops, "_COMPILED", {})
+    monkeypatch.setattr(fops, "_DIRECT", {"ok": True})
+    k = _FakeKernel(direct_fails)
+    grid = lambda META: (META["T"] // META["BT"],)  # noqa: E731
+    x = torch.zeros(64)
+    fops._launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,))
+    assert len(k.tuned) == 1 and not k.direct
+    if direct_fails:
+        with pytest.warns(RuntimeWarning, match="direct Triton launch failed"):
+            fops._launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,))
+        assert len(k.tuned) == 2 and not fops._COMPILED and fops._DIRECT["ok"] is False
+        fops._launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,))
+        assert len(k.tuned) == 3  # no caching any more
+        return
+    fops._launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,))
+    assert len(k.tuned) == 1 and k.direct == [((4, 1, 1), (x, 64, 32, 16))]
+    fops._launch(k, grid, (x[1:], 64, 32), {}, {"BT": 16}, (32,))  # 4 bytes off 16-byte alignment: a new key
+    fops._launch(k, grid, (x, 64, 33), {}, {"BT": 16}, (32,))  # K no longer divisible by 16: a new key
+    assert len(k.tuned) == 3 and len(fops._COMPILED) == 3
+
+
 @needs_gpu
 def test_cached_launch_computes_what_the_first_launch_computed():
     """The first call for a key autotunes and compiles; later calls launch the cached compiled kernel directly

@@ -20,6 +20,7 @@ points; `fused_supported` / `layer_fused_supported` say when the fast path appli
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -123,6 +124,7 @@ def _tb(T: int) -> int:
 # the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not specialized).
 _COMPILED: dict = {}
 _FREE_INTS = frozenset({"T", "TB", "s1", "s2"})
+_DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose compiled-kernel runner differs)
 
 
 def _spec_key(kernel, args) -> tuple:
@@ -148,12 +150,19 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
         compiled, cfg = hit
         values = dict(zip(kernel.fn.arg_names, args), **kw, **cfg)
         g = tuple(grid(values))
-        compiled[g + (1,) * (3 - len(g))](*[values[n] for n in kernel.fn.arg_names])  # the runner wants 3 dims
-        return
+        try:
+            compiled[g + (1,) * (3 - len(g))](*[values[n] for n in kernel.fn.arg_names])  # the runner wants 3 dims
+            return
+        except Exception as err:  # the kernels overwrite their outputs, so launching again below is safe
+            _COMPILED.clear()
+            _DIRECT["ok"] = False
+            warnings.warn(f"hydralora: direct Triton launch failed ({type(err).__name__}: {err}); launching through "
+                          "the autotuner from now on", RuntimeWarning)
     compiled = kernel[grid](*args, **kw)
     if hasattr(compiled, "result"):  # an asynchronous compile's future
         compiled = compiled.result()
-    if compiled is not None and hasattr(compiled, "__getitem__") and getattr(kernel, "best_config", None):
+    if (_DIRECT["ok"] and compiled is not None and hasattr(compiled, "__getitem__")
+            and getattr(kernel, "best_config", None)):
         _COMPILED[key] = (compiled, dict(kernel.best_config.kwargs))
 
 
