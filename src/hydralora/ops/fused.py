@@ -354,6 +354,11 @@ def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p,
 
 # --------------------------------------------------------------------------------------------------------------
 # when the fast path applies
+def _gemm_operand(t: torch.Tensor, x: torch.Tensor, dt: torch.dtype, amp: bool) -> bool:
+    """t can enter the op's GEMMs with x: on x's device, in the GEMM dtype dt (any float under autocast: it casts)."""
+    return t.device == x.device and (t.is_floating_point() if amp else t.dtype == dt)
+
+
 def fused_supported(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -378,7 +383,7 @@ def fused_supported(
     if not HAS_TRITON or not x.is_cuda or dt not in _FUSED_DTYPES:
         return False
     amp = torch.is_autocast_enabled(x.device.type)
-    if any(t.device != x.device or not (t.is_floating_point() if amp else t.dtype == dt) for t in (x, A, W_g, B)):
+    if not all(_gemm_operand(t, x, dt, amp) for t in (x, A, W_g, B)):
         return False
     if result is not None and (result.dtype != dt or result.shape[:-1] != x.shape[:-1]):
         return False
@@ -437,7 +442,8 @@ def _plain_linear(base) -> bool:
 
     return (
         type(base) is torch.nn.Linear
-        and not (base._forward_hooks or base._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks)
+        and not (base._forward_hooks or base._forward_pre_hooks)
+        and not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
     )
@@ -459,27 +465,25 @@ def layer_linear_fused(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     base, name = layer.get_base_layer(), names[0]
     if not _plain_linear(base) or not layer_fused_supported(layer, name, x):
         return None
-    dt = _compute_dtype(x)
-    amp = torch.is_autocast_enabled(x.device.type)
-    if not all(t is None or (t.device == x.device and (t.is_floating_point() if amp else t.dtype == dt))
-               for t in (base.weight, base.bias)):
+    dt, amp = _compute_dtype(x), torch.is_autocast_enabled(x.device.type)
+    if not all(t is None or _gemm_operand(t, x, dt, amp) for t in (base.weight, base.bias)):
         return None
-    cfg = layer.hconfig[name]
-    out, logits, gate = hydra_linear_fused(
-        x, base.weight, base.bias, layer.hydralora_A[name], layer.hydralora_router[name], layer.hydralora_B[name],
-        layer.scaling[name], dropout_p=cfg.lora_dropout, training=layer.training, temperature=cfg.router_temperature,
-    )
+    A, W_g, B, scaling, kw = _adapter_args(layer, name)
+    out, logits, gate = hydra_linear_fused(x, base.weight, base.bias, A, W_g, B, scaling, **kw)
     layer._record(name, logits, gate, x)
     return out
 
 
+def _adapter_args(layer, name: str) -> tuple:
+    """An adapter's (A, W_g, B, scaling, keyword arguments) for the fused ops."""
+    cfg = layer.hconfig[name]
+    kw = dict(dropout_p=cfg.lora_dropout, training=layer.training, temperature=cfg.router_temperature)
+    return layer.hydralora_A[name], layer.hydralora_router[name], layer.hydralora_B[name], layer.scaling[name], kw
+
+
 def layer_hydra_delta_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """What HydraLoraLayer.hydra_delta computes, through the fused op (call only where layer_fused_supported)."""
-    cfg = layer.hconfig[adapter_name]
-    out, logits, gate = hydra_delta_fused(
-        x, layer.hydralora_A[adapter_name], layer.hydralora_router[adapter_name], layer.hydralora_B[adapter_name],
-        result, layer.scaling[adapter_name], dropout_p=cfg.lora_dropout, training=layer.training,
-        temperature=cfg.router_temperature,
-    )
+    A, W_g, B, scaling, kw = _adapter_args(layer, adapter_name)
+    out, logits, gate = hydra_delta_fused(x, A, W_g, B, result, scaling, **kw)
     layer._record(adapter_name, logits, gate, x)
     return out
