@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md in one command (CUDA machine, ~10 minutes on an H200):
-#   bash benchmarks/gpu_suite.sh OUTDIR
+#   bash benchmarks/gpu_suite.sh OUTDIR [STEP...]
 # GPU tests first (the fused path's correctness), then the layer, launch, host-profile, train-step and generate
 # benchmarks; each step's JSON and log land in OUTDIR, and a failing step does not stop the ones after it.
+# Naming steps (e.g. `tests layer_pure`) runs only those, to split the suite over calls with a time limit.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [STEP...]}
+shift
+only=" $* "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, print the log's tail
   local name=$1 limit=$2
   shift 2
+  if [[ "$only" != "  " && "$only" != *" $name "* ]]; then return; fi
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "   exit $?"
