@@ -413,7 +413,37 @@ def test_eval_layer_compiles_as_one_graph(extra):
         for t in (1, 5, 3):
             x = torch.randn(2, t, 32)
             torch.testing.assert_close(compiled(x), layer(x))
-    assert layer._usage_tokens_host["default"] == 2 * 2 * (1 + 5 + 3)  # eager and compiled calls alike
+    assert usage_tokens(layer) == 2 * 2 * (1 + 5 + 3)  # eager and compiled calls alike
+
+
+def usage_tokens(layer, name="default") -> float:
+    return float(layer.usage_tokens.get(name, 0.0) + layer._usage_tokens_host.get(name, 0.0))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compiled_layer_does_not_recompile_as_usage_grows(train):
+    """Calls of one shape reuse the first compiled graph: the usage count (a host float in eager) must not become
+    a guard that changes on every call (it did: the H200 benchmark hit the recompile limit after 8 calls)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from hydralora import HydraLinear
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = HydraLoraConfig(r=4, lora_alpha=8, num_experts=3, target_modules=["x"], lora_dropout=0.0)
+    layer = HydraLinear(torch.nn.Linear(32, 24), "default", cfg).train(train)
+    randomize_adapters(layer)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    x = torch.randn(2, 5, 32)
+    for _ in range(6):
+        with torch.set_grad_enabled(train):
+            out = compiled(x)
+        if train:
+            out.sum().backward()
+    assert counter.frame_count <= 2  # the first call creates the usage entries: one recompile, then none
+    assert usage_tokens(layer) == 6 * 2 * 5
 
 
 def test_trainer_steps_lower_the_loss(tmp_path):

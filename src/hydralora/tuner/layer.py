@@ -326,9 +326,12 @@ class HydraLoraLayer(BaseTunerLayer):
                 self.usage_sum[adapter_name] = s
                 self.usage_tokens.pop(adapter_name, None)
                 self._usage_tokens_host.pop(adapter_name, None)
-            if t is None:
+            if t is None and not torch.compiler.is_compiling():
                 self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
-            elif adapter_name in self.usage_tokens:
+                return
+            if t is None:  # under torch.compile a host float would be a guard: every call would recompile
+                t = s.new_full((), float(tokens), dtype=torch.float32)
+            if adapter_name in self.usage_tokens:
                 self.usage_tokens[adapter_name] += t
             else:
                 self.usage_tokens[adapter_name] = t
