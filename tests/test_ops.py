@@ -344,36 +344,62 @@ def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
         assert e_fused < 3e-2 and e_fused <= 2 * e_eager + 2e-3, (name, e_fused, e_eager)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "token-mask"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_layer_runs_a_plain_linear_base_inside_the_op_where_the_dispatch_applies(bias, monkeypatch):
+def test_layer_runs_a_plain_linear_base_inside_the_op_where_the_dispatch_applies(bias, masked, monkeypatch):
     """Where the fused dispatch applies (forced here on the CPU, where the op's PyTorch backend runs) and the base is a
-    plain frozen nn.Linear, HydraLinear runs base and adapter in one op (hydra_linear_fused): the same outputs,
-    gradients and usage statistics as base_layer(x) + delta. A hooked base stays on base_layer(x) + delta."""
+    plain frozen nn.Linear, HydraLinear runs base and adapter in one op (hydra_linear_fused's path): the same outputs,
+    gradients and usage statistics (counted inside the op, padding tokens left out) as base_layer(x) + delta. A
+    hooked base stays on base_layer(x) + delta."""
     torch.manual_seed(0)
     layer = make_layer(k=48, d=40, r=4, n=3, temp=0.7).train()
     if bias:
         layer.base_layer.bias = nn.Parameter(torch.randn(40), requires_grad=False)
+    if masked:
+        layer._token_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])  # (B, T), as the model hook sets it
     x = torch.randn(2, 5, 48, requires_grad=True)
     dy = torch.randn(2, 5, 40)
     ref_out, ref_g = run_reference(layer, x, dy)
-    ref_usage = layer.usage_sum["default"].clone()
+    ref_usage = layer._usage("default").clone()
     calls = []
-    real = fops.hydra_linear_fused
+    real = fops._apply_2d
+    monkeypatch.setenv("HYDRALORA_FUSED", "1")
     monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
-    monkeypatch.setattr(fops, "layer_fused_supported", lambda layer, name, x, result=None: True)
-    monkeypatch.setattr(fops, "hydra_linear_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fops, "_layer_supported", lambda *a, **k: True)
+    monkeypatch.setattr(fops, "_apply_2d", lambda *a: calls.append(a[2] is not None) or real(*a))
     layer.reset_usage()
-    out, g = run_reference(layer, x, dy)
-    assert calls, "the layer did not take the fused base+adapter op"
+    counted = []
+    monkeypatch.setattr(type(layer), "_count_usage", lambda *a: counted.append(1))
+    for _ in range(2):  # two calls: the counts add up
+        out, g = run_reference(layer, x, dy)
+    assert calls == [True, True], "the layer did not take the fused base+adapter op"
+    assert not counted  # the op counted the usage, not the layer's eager statistics
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(layer.usage_sum["default"], ref_usage)
+    torch.testing.assert_close(layer._usage("default"), ref_usage)
+    assert float(layer.usage_acc["default"][-1]) + layer._usage_tokens_host.get("default", 0.0) == (14 if masked else 20)
     calls.clear()
     hook = layer.base_layer.register_forward_hook(lambda module, args, output: None)
     run_reference(layer, x, dy)
     hook.remove()
-    assert not calls  # a base with hooks is called as base_layer(x)
+    assert calls == [False]  # a base with hooks is called as base_layer(x); the delta op runs after it
+
+
+def test_fused_op_checks_its_usage_arguments():
+    layer = make_layer()
+    A, G, B = params(layer)
+    x = torch.randn(2, 5, 48)
+    res = layer.base_layer(x)
+    with pytest.raises(ValueError, match=r"usage: expected a contiguous \(4,\) float32"):
+        hydra_delta_fused(x, A, G, B, res, 2.0, usage=torch.zeros(3))
+    with pytest.raises(ValueError, match="token_weights: expected 10 values"):
+        hydra_delta_fused(x, A, G, B, res, 2.0, usage=torch.zeros(4), token_weights=torch.ones(2, 4))
+    usage = torch.zeros(4)
+    with torch.no_grad():
+        _, _, gate = hydra_delta_fused(x, A, G, B, res, 2.0, usage=usage, token_weights=torch.tensor([1, 0] * 5))
+    torch.testing.assert_close(usage[:3], gate.reshape(10, 3)[::2].sum(0))
+    assert usage[3] == 5
 
 
 class _FakeKernel:
@@ -413,7 +439,7 @@ def test_launch_caches_the_compiled_kernel_and_falls_back_when_it_cannot(direct_
     monkeypatch.setattr(fops, "_COMPILED", {})
     monkeypatch.setattr(fops, "_DIRECT", {"ok": True})
     k = _FakeKernel(direct_fails)
-    grid = lambda META: (META["T"] // META["BT"],)  # noqa: E731
+    grid = lambda META: (64 // META["BT"],)  # noqa: E731  (T from the closure, as the op's grids take it)
     x = torch.zeros(64)
     fops._launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,))
     assert len(k.tuned) == 1 and not k.direct
@@ -504,16 +530,18 @@ for T, K, d, R, N, p, dt in [(37, 200, 96, 8, 3, 0.0, torch.float32), (37, 200, 
     B = (torch.randn(N, d, R) * 0.1).to(dt).requires_grad_()
     res = torch.randn(T, d, dtype=dt, requires_grad=True)
     dy = torch.randn(T, d).to(dt)
+    weights = None if p == 0.0 else (torch.arange(T) % 3 != 0).long()  # usage counted over a token mask
     outs = {}
     for be in ("torch", "triton"):
         for t in (x, A, G, B, res):
             t.grad = None
         torch.manual_seed(5)
+        usage = torch.zeros(N + 1)
         out, raw, gate = f.hydra_delta_fused(x, A, G, B, res, 2.0, dropout_p=p, training=True, temperature=0.7,
-                                             backend=be)
+                                             backend=be, usage=usage, token_weights=weights)
         ((out.float() * dy.float()).sum() + (raw ** 2).sum()).backward()
         outs[be] = [out.detach().float(), raw.detach(), gate, x.grad.float(), A.grad.float(), G.grad.float(),
-                    B.grad.float(), res.grad.float()]
+                    B.grad.float(), res.grad.float(), usage]
     for a, b in zip(outs["torch"], outs["triton"]):
         worst = max(worst, ((a - b).norm() / (a.norm() + 1e-12)).item())
 print("WORST", worst)
@@ -537,7 +565,8 @@ def test_triton_kernels_in_interpreter_match_torch_backend():
 
 @pytest.mark.parametrize("dropout", [False, True])
 def test_triton_kernels_compile_for_hopper(dropout):
-    """Triton's compiler (no GPU needed) builds both kernels for sm_90, with and without the dropout hash.
+    """Triton's compiler (no GPU needed) builds both kernels for sm_90, with and without the dropout hash (and the
+    usage statistics' atomics).
 
     Catches what the interpreter cannot: Triton 3.x refuses non-constexpr globals inside jit code at compile time.
     """
@@ -549,8 +578,10 @@ def test_triton_kernels_compile_for_hopper(dropout):
 
     scalars = {"T": "i32", "K": "i32", "TB": "i32", "s1": "i32", "s2": "i32", "thr": "i32",
                "inv_keep": "fp32", "scaling": "fp32", "inv_temp": "fp32"}
-    fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32"}
-    fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "BT": 64, "BK": 64}
+    fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
+           "U": "*fp32", "W": "*i64"}
+    fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "COUNT": dropout, "HAS_W": dropout, "BT": 64,
+             "BK": 64}
     bwd = {"X": "*bf16", "DZ": "*bf16", "H": "*fp32", "P": "*fp32", "GL": "*fp32", "A": "*bf16", "G": "*bf16",
            "DX": "*bf16", "PART": "*fp32"}
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,

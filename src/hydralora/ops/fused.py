@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 
 try:  # Triton is optional: CPU-only installs and CI use the PyTorch backend.
     import triton
@@ -73,7 +74,18 @@ def _keep_mask_torch(T: int, K: int, seed: tuple[int, int], thr: int, device) ->
 
 # --------------------------------------------------------------------------------------------------------------
 # the two kernels, PyTorch backend
-def _proj_torch(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout):
+def _count_torch(usage, gate, weights):
+    """usage[:N] += sum_t w_t gate[t] and, with token weights, usage[N] += sum_t w_t (what the kernel's COUNT does)."""
+    n = gate.shape[1]
+    if weights is None:
+        usage[:n].add_(gate.sum(0))
+        return
+    w = weights.reshape(-1, 1).to(gate.dtype)  # (T, 1)
+    usage[:n].add_((gate * w).sum(0))
+    usage[n].add_(w.sum())
+
+
+def _proj_torch(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
     T, K = x2.shape
     N, R = G.shape[0], A.shape[0]
     xd = x2
@@ -83,6 +95,8 @@ def _proj_torch(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout):
     raw = F.linear(x2, G).float()  # (T, N)
     gate = torch.softmax(raw * inv_temp, -1)
     z = ((gate * scaling).unsqueeze(-1) * h.unsqueeze(1)).reshape(T, N * R).to(x2.dtype)
+    if usage is not None:
+        _count_torch(usage, gate, weights)
     return z, h, gate, raw
 
 
@@ -123,18 +137,25 @@ def _tb(T: int) -> int:
 # and the constexprs (`tune`, `kw`), the device, the tensors' dtypes and 16-byte alignment and, for the integers
 # the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not specialized).
 _COMPILED: dict = {}
+_PLANS: dict = {}  # kernel name -> (positions of tensor arguments, positions of specialized integer arguments)
 _FREE_INTS = frozenset({"T", "TB", "s1", "s2"})
 _DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose compiled-kernel runner differs)
 
 
 def _spec_key(kernel, args) -> tuple:
-    out = []
-    for name, a in zip(kernel.fn.arg_names, args):
-        if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, int) and name not in _FREE_INTS:
-            out.append((a % 16 == 0, a == 1))
-    return tuple(out)
+    """What the compiled code depends on beyond the constexprs: dtype and 16-byte alignment of every tensor,
+    divisibility by 16 and equality to 1 of the specialized integers. Argument kinds by position are fixed per
+    kernel (the calls below), so the positions are found once."""
+    plan = _PLANS.get(kernel.fn.__name__)
+    if plan is None:
+        names = kernel.fn.arg_names
+        plan = _PLANS[kernel.fn.__name__] = (
+            tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)),
+            tuple(i for i, a in enumerate(args) if type(a) is int and names[i] not in _FREE_INTS),
+        )
+    tens, ints = plan
+    return (tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tens]),
+            tuple([(args[i] % 16 == 0, args[i] == 1) for i in ints]))
 
 
 def _launch(kernel, grid, args, kw, fixed_cfg, tune):
@@ -147,11 +168,10 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
     key = (kernel.fn.__name__, tune, tuple(kw.items()), args[0].device.index, _spec_key(kernel, args))
     hit = _COMPILED.get(key)
     if hit is not None:
-        compiled, cfg = hit
-        values = dict(zip(kernel.fn.arg_names, args), **kw, **cfg)
-        g = tuple(grid(values))
+        compiled, meta, tail = hit  # tail: the constexprs' values, in the kernel's argument order
+        g = tuple(grid(meta))
         try:
-            compiled[g + (1,) * (3 - len(g))](*[values[n] for n in kernel.fn.arg_names])  # the runner wants 3 dims
+            compiled[g + (1,) * (3 - len(g))](*args, *tail)  # the runner wants 3 grid dims
             return
         except Exception as err:  # the kernels overwrite their outputs, so launching again below is safe
             _COMPILED.clear()
@@ -163,14 +183,19 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
         compiled = compiled.result()
     if (_DIRECT["ok"] and compiled is not None and hasattr(compiled, "__getitem__")
             and getattr(kernel, "best_config", None)):
-        _COMPILED[key] = (compiled, dict(kernel.best_config.kwargs))
+        meta = dict(kw, **kernel.best_config.kwargs)  # what the grid reads (the grids take T from their closure)
+        tail = tuple(meta[n] for n in kernel.fn.arg_names[len(args):])
+        _COMPILED[key] = (compiled, meta, tail)
 
 
 def _pads(R: int, N: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(N))
 
 
-def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout):
+_DUMMY: dict = {}  # device -> a 1-element fp32 tensor for pointer arguments a kernel does not read
+
+
+def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
     T, K = x2.shape
     N, R = G.shape[0], A.shape[0]
     RP, NP = _pads(R, N)
@@ -179,10 +204,14 @@ def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout):
     h = torch.empty(T, R, device=dev, dtype=torch.float32)
     gate = torch.empty(T, N, device=dev, dtype=torch.float32)
     raw = torch.empty(T, N, device=dev, dtype=torch.float32)
+    unused = _DUMMY.get(dev)
+    if unused is None:
+        unused = _DUMMY[dev] = torch.zeros(1, device=dev, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(T, META["BT"]),)  # noqa: E731
-    args = (x2, A, G, z, h, gate, raw, T, K, _tb(T), seed[0], seed[1], thr, inv_keep, scaling, inv_temp)
-    _launch(_tk._proj_fwd, grid, args, dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout), {"BT": 32, "BK": 128},
-            (K, _tb(T)))
+    args = (x2, A, G, z, h, gate, raw, unused if usage is None else usage, unused if weights is None else weights,
+            T, K, _tb(T), seed[0], seed[1], thr, inv_keep, scaling, inv_temp)
+    kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None)
+    _launch(_tk._proj_fwd, grid, args, kw, {"BT": 32, "BK": 128}, (K, _tb(T)))
     return z, h, gate, raw
 
 
@@ -221,6 +250,11 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     return ok
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; no call into torch when it already is (a no-op .to() still costs host time on every call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _flat_B(B: torch.Tensor) -> torch.Tensor:
     n, d, r = B.shape
     return B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*r), expert-major along the rank
@@ -228,15 +262,18 @@ def _flat_B(B: torch.Tensor) -> torch.Tensor:
 
 class _HydraFused(torch.autograd.Function):
     """Inputs: x2 (T, K); result2 (T, d) or None; W0 (d, K) frozen or None; bias (d,) frozen or None; A (R, K);
-    G (N, K); B (N, d, R). Outputs: out (T, d), raw logits (T, N) fp32 (differentiable), gate (T, N) fp32."""
+    G (N, K); B (N, d, R); usage (N + 1,) fp32 or None, token weights (T,) or None (see hydra_delta_fused).
+    Outputs: out (T, d), raw logits (T, N) fp32 (differentiable), gate (T, N) fp32."""
 
     @staticmethod
-    def forward(ctx, x2, result2, W0, bias, A, G, B, scaling, temperature, dropout_p, training, backend):
+    def forward(ctx, x2, result2, W0, bias, A, G, B, scaling, temperature, dropout_p, training, backend, usage,
+                weights):
         triton_path = _use_triton(x2, backend)
         dropout, thr, inv_keep = _dropout_params(dropout_p, training)
         seed = new_seed() if dropout else (0, 0)
         proj = _proj_triton if triton_path else _proj_torch
-        z, h, gate, raw = proj(x2, A, G, seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout)
+        z, h, gate, raw = proj(x2, A, G, seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout,
+                               usage, weights)
         Bf = _flat_B(B)
         if result2 is None:
             # Base GEMM owned here: delta first (a 1-D bias rides in its epilogue), then the base GEMM adds into it
@@ -263,15 +300,15 @@ class _HydraFused(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros(T, d, device=x2.device, dtype=x2.dtype)
         dout = dout.contiguous()
-        dz = dout @ Bf.to(dout.dtype)  # (T, N*R)
-        dBf = dout.t() @ z.to(dout.dtype)  # (d, N*R)
-        dB = dBf.view(d, n, r).permute(1, 0, 2).to(Bf.dtype)  # (N, d, R)
+        dz = dout @ _as(Bf, dout.dtype)  # (T, N*R)
+        dBf = dout.t() @ _as(z, dout.dtype)  # (d, N*R)
+        dB = _as(dBf.view(d, n, r).permute(1, 0, 2), Bf.dtype)  # (N, d, R)
         bwd = _bwd_x_triton if triton_path else _bwd_x_torch
         dx, dA, dG = bwd(x2, dz, h, gate, draw, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_x)
         if need_x and owns_base:
-            dx = dx.addmm_(dout, W0.to(dout.dtype))  # the base's dx GEMM adds into the adapter's dx (its own buffer)
+            dx = dx.addmm_(dout, _as(W0, dout.dtype))  # the base's dx GEMM adds into the adapter's dx (its own buffer)
         d_result = dout if (not owns_base and ctx.needs_input_grad[1]) else None
-        return dx, d_result, None, None, dA.to(A.dtype), dG.to(G.dtype), dB, None, None, None, None, None
+        return (dx, d_result, None, None, _as(dA, A.dtype), _as(dG, G.dtype), dB) + (None,) * 7
 
 
 def hydra_delta_fused(
@@ -285,6 +322,8 @@ def hydra_delta_fused(
     training: bool = False,
     temperature: float = 1.0,
     backend: str = "auto",
+    usage: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """result + scaling * sum_i softmax(W_g x / temperature)_i B_i A dropout(x), fused.
 
@@ -292,9 +331,14 @@ def hydra_delta_fused(
     Dense token routing only (see `fused_supported`). backend: 'auto' (Triton on CUDA bf16/fp16, else PyTorch),
     'triton' or 'torch'. Returns (out (..., d), raw router logits (..., N) fp32, gate (..., N) fp32); the logits
     carry gradient (for a balance loss), the gate does not.
+
+    usage: an (N + 1,) fp32 tensor on x's device to which the call adds, in place and inside the projection kernel,
+    each expert's gate weight summed over tokens (usage[:N]); with token_weights (x's leading shape: a 0/1 mask of
+    real tokens, any dtype) the tokens are weighted and their weight sum is added to usage[N].
     """
     res2 = result.reshape(-1, result.shape[-1])
-    return _apply_2d(x, res2, None, None, A, W_g, B, scaling, temperature, dropout_p, training, backend)
+    return _apply_2d(x, res2, None, None, A, W_g, B, scaling, temperature, dropout_p, training, backend, usage,
+                     token_weights)
 
 
 def hydra_linear_fused(
@@ -309,15 +353,19 @@ def hydra_linear_fused(
     training: bool = False,
     temperature: float = 1.0,
     backend: str = "auto",
+    usage: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """F.linear(x, weight, bias) + the HydraLoRA update, with the frozen base GEMM inside the Function.
 
     The adapter's dx is added in the epilogue of the base's dx GEMM (one pass less over dx than autograd's
-    accumulation of two separate gradients). weight and bias must be frozen. Same returns as hydra_delta_fused.
+    accumulation of two separate gradients). weight and bias must be frozen. Same arguments and returns as
+    hydra_delta_fused otherwise.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("hydra_linear_fused needs a frozen base weight and bias.")
-    return _apply_2d(x, None, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend)
+    return _apply_2d(x, None, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend, usage,
+                     token_weights)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -326,28 +374,47 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend):
+def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend, usage=None,
+              weights=None):
     """Flatten x to (T, k), run the Function, and give the results x's leading shape back.
 
     Under autocast the inputs are cast to the autocast dtype first, as autocast does for F.linear: fp32 adapter
     weights (PEFT's default) then train through bf16 GEMMs, their gradients flowing back to fp32 through the casts.
+    Written for few host calls: this runs once per adapted layer and call, and the layer is host-bound on fast GPUs.
     """
-    dt = _compute_dtype(x)
-    if dt != x.dtype or any(t is not None and t.dtype != dt for t in (res2, weight, bias, A, W_g, B)):
+    dev = x.device.type
+    amp = torch.is_autocast_enabled(dev)
+    dt = torch.get_autocast_dtype(dev) if amp else x.dtype
+    if (x.dtype != dt or A.dtype != dt or W_g.dtype != dt or B.dtype != dt or (res2 is not None and res2.dtype != dt)
+            or (weight is not None and weight.dtype != dt) or (bias is not None and bias.dtype != dt)):
         x, A, W_g, B = x.to(dt), A.to(dt), W_g.to(dt), B.to(dt)  # adapter weights: (R+N)*k + N*d*R elements, small
         weight = weight.to(dt) if weight is not None else None
         bias = bias.to(dt) if bias is not None else None
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    args = (x2, res2, weight, bias, A.contiguous(), W_g.contiguous(), B, scaling, temperature, dropout_p, training,
-            backend)
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):  # the Function's matmuls run in dt as given
+    if usage is not None and (usage.shape != (W_g.shape[0] + 1,) or usage.dtype != torch.float32
+                              or usage.device != x.device or not usage.is_contiguous()):
+        raise ValueError(f"usage: expected a contiguous ({W_g.shape[0] + 1},) float32 tensor on {x.device}, got "
+                         f"{tuple(usage.shape)} {usage.dtype} on {usage.device}")
+    if weights is not None:
+        if weights.numel() != x2.shape[0] or weights.device != x.device:
+            raise ValueError(f"token_weights: expected {x2.shape[0]} values (x's leading shape {tuple(lead)}) on "
+                             f"{x.device}, got shape {tuple(weights.shape)} on {weights.device}")
+        weights = weights.reshape(-1)
+        if not weights.is_contiguous():
+            weights = weights.contiguous()
+    args = (x2, res2, weight, bias, A if A.is_contiguous() else A.contiguous(),
+            W_g if W_g.is_contiguous() else W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend,
+            usage, weights)
+    if amp:
+        with torch.autocast(dev, enabled=False):  # the Function's matmuls run in dt as given
             out, raw, gate = _HydraFused.apply(*args)
     else:  # (building an autocast context costs host time on every call; none is needed here)
         out, raw, gate = _HydraFused.apply(*args)
+    if x.dim() == 2:
+        return out, raw, gate
     n = W_g.shape[0]
     return out.view(*lead, out.shape[-1]), raw.view(*lead, n), gate.view(*lead, n)
 
@@ -383,7 +450,8 @@ def fused_supported(
     if not HAS_TRITON or not x.is_cuda or dt not in _FUSED_DTYPES:
         return False
     amp = torch.is_autocast_enabled(x.device.type)
-    if not all(_gemm_operand(t, x, dt, amp) for t in (x, A, W_g, B)):
+    if not (_gemm_operand(x, x, dt, amp) and _gemm_operand(A, x, dt, amp) and _gemm_operand(W_g, x, dt, amp)
+            and _gemm_operand(B, x, dt, amp)):
         return False
     if result is not None and (result.dtype != dt or result.shape[:-1] != x.shape[:-1]):
         return False
@@ -427,23 +495,24 @@ def layer_fused_supported(layer, adapter_name: str, x: torch.Tensor, result: Opt
     HYDRALORA_FUSED switch)."""
     if not _kernel_device(x) or not fused_enabled(x.numel() // max(x.shape[-1], 1)):
         return False  # the device first: on the CPU every call ends here, without reading the environment
-    cfg = layer.hconfig[adapter_name]
+    return _layer_supported(layer, adapter_name, x, *_adapter_args(layer, adapter_name)[:3], result)
+
+
+def _layer_supported(layer, name: str, x, A, W_g, B, result=None) -> bool:
+    cfg = layer.hconfig[name]
     return fused_supported(
-        x, layer.hydralora_A[adapter_name], layer.hydralora_router[adapter_name], layer.hydralora_B[adapter_name],
-        result, router_input=cfg.router_input, routing_mode=layer.routing_mode, top_k=cfg.top_k,
-        num_experts=layer.num_experts[adapter_name], masked_experts=cfg.masked_experts, training=layer.training,
-        init_offset=layer._init_offset(adapter_name) is not None, expert_dropout=cfg.expert_dropout,
+        x, A, W_g, B, result, router_input=cfg.router_input, routing_mode=layer.routing_mode, top_k=cfg.top_k,
+        num_experts=layer.num_experts[name], masked_experts=cfg.masked_experts, training=layer.training,
+        init_offset=layer._init_offset(name) is not None, expert_dropout=cfg.expert_dropout,
     )
 
 
 def _plain_linear(base) -> bool:
     """A torch.nn.Linear whose forward is exactly F.linear(x, weight, bias): no subclass, no hooks, frozen."""
-    from torch.nn.modules import module as _m
-
     return (
         type(base) is torch.nn.Linear
         and not (base._forward_hooks or base._forward_pre_hooks)
-        and not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
+        and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
     )
@@ -456,21 +525,26 @@ def layer_linear_fused(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     whose weight has the GEMMs' dtype, so that computing F.linear(x, weight, bias) inside the op is exactly what
     base_layer(x) computes. Owning the base GEMM lets its dx GEMM add into the adapter's dx (one pass over dx and one
     autograd node less) and, on the H200, ran the layer 0.2-0.3 ms faster per 8192-token call (docs/performance.md).
+    Each adapter weight is read from its ParameterDict once per call: on a fast GPU the layer is bound by its host.
     """
-    if not _kernel_device(x):
+    if not _kernel_device(x) or not fused_enabled(x.numel() // max(x.shape[-1], 1)):
         return None  # the device first: on the CPU every call ends here
     names = [n for n in layer.active_adapters if n in layer.hydralora_A]
     if len(names) != 1:
         return None
     base, name = layer.get_base_layer(), names[0]
-    if not _plain_linear(base) or not layer_fused_supported(layer, name, x):
-        return None
-    dt, amp = _compute_dtype(x), torch.is_autocast_enabled(x.device.type)
-    if not all(t is None or _gemm_operand(t, x, dt, amp) for t in (base.weight, base.bias)):
+    if not _plain_linear(base):
         return None
     A, W_g, B, scaling, kw = _adapter_args(layer, name)
-    out, logits, gate = hydra_linear_fused(x, base.weight, base.bias, A, W_g, B, scaling, **kw)
-    layer._record(name, logits, gate, x)
+    if not _layer_supported(layer, name, x, A, W_g, B):
+        return None
+    dt, amp = _compute_dtype(x), torch.is_autocast_enabled(x.device.type)
+    if not (_gemm_operand(base.weight, x, dt, amp) and (base.bias is None or _gemm_operand(base.bias, x, dt, amp))):
+        return None
+    usage, weights = layer._usage_target(name, x)
+    out, logits, gate = _apply_2d(x, None, base.weight, base.bias, A, W_g, B, scaling, kw["temperature"],
+                                  kw["dropout_p"], kw["training"], "auto", usage, weights)
+    layer._record(name, logits, gate, x, counted=usage is not None)
     return out
 
 
@@ -484,6 +558,7 @@ def _adapter_args(layer, name: str) -> tuple:
 def layer_hydra_delta_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """What HydraLoraLayer.hydra_delta computes, through the fused op (call only where layer_fused_supported)."""
     A, W_g, B, scaling, kw = _adapter_args(layer, adapter_name)
-    out, logits, gate = hydra_delta_fused(x, A, W_g, B, result, scaling, **kw)
-    layer._record(adapter_name, logits, gate, x)
+    usage, weights = layer._usage_target(adapter_name, x)
+    out, logits, gate = hydra_delta_fused(x, A, W_g, B, result, scaling, **kw, usage=usage, token_weights=weights)
+    layer._record(adapter_name, logits, gate, x, counted=usage is not None)
     return out

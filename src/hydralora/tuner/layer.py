@@ -80,8 +80,10 @@ class HydraLoraLayer(BaseTunerLayer):
         self._sequence_gate: dict[str, torch.Tensor] = {}  # name -> (B, N)
         self._recording = True  # False while checkpointed segments are recomputed in backward
         self.last_aux_loss: dict[str, Optional[torch.Tensor]] = {}
-        self.usage_sum: dict[str, torch.Tensor] = {}  # name -> (N,) summed gate weights
-        self.usage_tokens: dict[str, torch.Tensor] = {}  # name -> () tokens seen in masked calls (on the device)
+        # name -> (N + 1,) fp32 on the device: summed gate weights, then the tokens of masked calls; one tensor so
+        # that the fused kernel can add both in place (hydralora.ops.fused)
+        self.usage_acc: dict[str, torch.Tensor] = {}
+        self._usage_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (acc[:N], acc[N]), made once
         self._usage_tokens_host: dict[str, float] = {}  # name -> tokens seen in unmasked calls (no kernel to count)
         self._weight_cache: dict[str, tuple] = {}  # derived weights reused while no graph is recorded
 
@@ -286,55 +288,70 @@ class HydraLoraLayer(BaseTunerLayer):
         src = x if cfg.router_input == "x" else h[..., :r]  # (..., k) or (..., r)
         return h, F.linear(src, W_g)  # (..., m), (..., N)
 
-    def _record(self, adapter_name: str, logits: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> None:
-        """Aux balance loss (training) and usage statistics, over real tokens only.
+    def _record(self, adapter_name: str, logits: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
+                counted: bool = False) -> None:
+        """Aux balance loss (training) and usage statistics, over real tokens only (`counted`: the fused kernel has
+        added this call's usage already, see _usage_target).
 
         A non-reentrant checkpoint recompute runs this again in backward: it must save the same tensors, so the
         loss is recomputed, but neither it nor the usage is stored a second time (`_recording` is False then).
         """
         cfg = self.hconfig[adapter_name]
-        n = gate.shape[-1]
-        mask = self._mask_for(x)
-        keep = None if mask is None else mask.reshape(-1).bool()  # (T',)
         aux = None
         if self.training and cfg.balance_loss_coef > 0 and self.routing_mode == "token":
+            n = gate.shape[-1]
+            mask = self._mask_for(x)
             probs = self._token_probs(adapter_name, logits).reshape(-1, n)  # (T', N)
-            if keep is not None:
-                probs = probs[keep]
+            if mask is not None:
+                probs = probs[mask.reshape(-1).bool()]
             aux = balance_loss(probs, cfg.balance_loss, cfg.top_k)
         if not self._recording:
             return
         self.last_aux_loss[adapter_name] = aux
-        if cfg.track_usage:
-            self._count_usage(adapter_name, gate, mask)
+        if cfg.track_usage and not counted:
+            self._count_usage(adapter_name, gate, self._mask_for(x))
+
+    def _usage_acc_on(self, adapter_name: str, device: torch.device) -> torch.Tensor:
+        """The adapter's (N + 1,) usage accumulator on `device` (a fresh one, and a fresh host count, on a move)."""
+        acc = self.usage_acc.get(adapter_name)
+        if acc is None or acc.device != device:
+            n = self.num_experts[adapter_name]
+            acc = self.usage_acc[adapter_name] = torch.zeros(n + 1, device=device, dtype=torch.float32)
+            self._usage_views[adapter_name] = (acc[:n], acc[n])  # views made once: a slice per call costs host time
+            self._usage_tokens_host.pop(adapter_name, None)
+        return acc
+
+    def _usage_target(self, adapter_name: str, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """For the fused op: (usage accumulator, token mask or None) when this call's usage is to be counted, else
+        (None, None). Unmasked calls count their tokens here on the host; the kernel adds the gate sums."""
+        if not (self._recording and self.hconfig[adapter_name].track_usage):
+            return None, None
+        acc = self._usage_acc_on(adapter_name, x.device)
+        mask = self._mask_for(x)
+        if mask is None:
+            tokens = x.numel() // x.shape[-1]
+            self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
+        return acc, mask
 
     def _count_usage(self, adapter_name: str, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Add a call's gate weights to the usage statistics: summed over real tokens (mask (B, T) or None)."""
         n = gate.shape[-1]
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             # Weighted sums, not boolean indexing (no device sync); without a mask the count stays on the host.
-            tokens = gate.numel() // n
+            self._usage_acc_on(adapter_name, gate.device)
+            sums, count = self._usage_views[adapter_name]  # (N,), ()
             if mask is None:
-                s, t = gate.sum(tuple(range(gate.dim() - 1))), None  # (N,): one reduction, no reshape
-            else:
-                g = gate.reshape(-1, n)  # (T, N)
-                w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
-                s, t = (g * w).sum(0), w.sum()  # (N,), ()
-            if adapter_name in self.usage_sum and self.usage_sum[adapter_name].device == s.device:
-                self.usage_sum[adapter_name] += s
-            else:
-                self.usage_sum[adapter_name] = s
-                self.usage_tokens.pop(adapter_name, None)
-                self._usage_tokens_host.pop(adapter_name, None)
-            if t is None and not torch.compiler.is_compiling():
-                self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
+                sums.add_(gate.sum(tuple(range(gate.dim() - 1))))  # (N,): one reduction, no reshape
+                tokens = gate.numel() // n
+                if torch.compiler.is_compiling():  # a host float would be a guard: every call would recompile
+                    count.add_(tokens)
+                else:
+                    self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
                 return
-            if t is None:  # under torch.compile a host float would be a guard: every call would recompile
-                t = s.new_full((), float(tokens), dtype=torch.float32)
-            if adapter_name in self.usage_tokens:
-                self.usage_tokens[adapter_name] += t
-            else:
-                self.usage_tokens[adapter_name] = t
+            g = gate.reshape(-1, n)  # (T, N)
+            w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
+            sums.add_((g * w).sum(0))
+            count.add_(w.sum())
 
     def hydra_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + (alpha/r) sum_i w_i B_i A dropout(x), all experts in one GEMM. x: (..., k), result: (..., d)."""
@@ -408,14 +425,17 @@ class HydraLoraLayer(BaseTunerLayer):
         return value
 
     def _usage(self, adapter_name: str) -> Optional[torch.Tensor]:
-        if adapter_name not in self.usage_sum:
+        """Mean gate weight per expert (N,) over the tokens seen since the last reset, or None before any."""
+        acc = self.usage_acc.get(adapter_name)
+        if acc is None:
             return None
-        tokens = self.usage_tokens.get(adapter_name, 0.0) + self._usage_tokens_host.get(adapter_name, 0.0)
-        return self.usage_sum[adapter_name] / (tokens.clamp_min(1.0) if torch.is_tensor(tokens) else max(tokens, 1.0))
+        n = acc.shape[0] - 1
+        tokens = acc[n] + self._usage_tokens_host.get(adapter_name, 0.0)
+        return acc[:n] / tokens.clamp_min(1.0)
 
     def reset_usage(self) -> None:
-        self.usage_sum.clear()
-        self.usage_tokens.clear()
+        self.usage_acc.clear()
+        self._usage_views.clear()
         self._usage_tokens_host.clear()
 
 
