@@ -17,6 +17,7 @@ TINY = {
     "bench_train_step.py": ["--targets", "qv", "--checkpointing", "off,on"],
     "bench_generate.py": ["--new-tokens", "3", "--repeats", "1"],
     "saved_activations.py": ["--hidden", "64", "--seq", "16"],
+    "host_sections.py": ["--features", "64", "--tokens", "32", "--steps", "2", "--rounds", "1"],
 }
 
 
@@ -38,7 +39,8 @@ def test_benchmark_runs_and_reports_ratios(script, precision, tmp_path):
         return
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert rows and not [r for r in rows if "error" in r]
-    ratio = {"bench_layer.py": "x_peft_r8", "bench_train_step.py": "vs_peft", "bench_generate.py": "x_peft"}[script]
+    ratio = {"bench_layer.py": "x_peft_r8", "bench_train_step.py": "vs_peft", "bench_generate.py": "x_peft",
+             "host_sections.py": "x_peft"}[script]
     assert all(r[ratio] > 0 for r in rows)
     assert next(r for r in rows if r["variant"] == "peft r8")[ratio] == pytest.approx(1.0)
 

@@ -212,9 +212,19 @@ def test_fused_supported_rules(monkeypatch):
         assert not layer_fused_supported(make_layer(dtype=torch.bfloat16, device="cuda"), "default", xc)
 
 
+def test_fused_path_steps_aside_under_torch_compile(monkeypatch):
+    """Inside a torch.compile trace the layer keeps its eager formulation (the kernel launch cache is not traceable)."""
+    monkeypatch.setattr(fops, "HAS_TRITON", True)
+    x = type("CudaLike", (), {"is_cuda": True})()
+    assert fops._kernel_device(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fops._kernel_device(x)
+
+
 def test_fused_switch_values(monkeypatch):
     monkeypatch.delenv("HYDRALORA_FUSED", raising=False)
-    assert not fops.fused_enabled(32) and fops.fused_enabled(fops.MIN_FUSED_TOKENS)  # auto: training-sized calls
+    assert fops.fused_enabled(fops.MIN_FUSED_TOKENS) and fops.fused_enabled(None)  # auto: from MIN_FUSED_TOKENS up
+    assert not fops.fused_enabled(fops.MIN_FUSED_TOKENS - 1)
     monkeypatch.setenv("HYDRALORA_FUSED", "1")
     assert fops.fused_enabled(1)
     monkeypatch.setenv("HYDRALORA_FUSED", "0")
