@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md in one command (CUDA machine, ~10 minutes on an H200):
+# The GPU measurements of docs/performance.md in one command (CUDA machine, ~15 minutes on an H200):
 #   bash benchmarks/gpu_suite.sh OUTDIR [STEP...]
 # GPU tests first (the fused path's correctness), then the layer, launch, host-profile, train-step and generate
 # benchmarks; each step's JSON and log land in OUTDIR, and a failing step does not stop the ones after it.
-# Naming steps (e.g. `tests layer_pure`) runs only those, to split the suite over calls with a time limit.
+# Naming steps runs only those, to split the suite over calls with a time limit (10 min each on the H200 here:
+# `tests layer_pure layer_amp launch host_profile host_sections`, then `train_pure generate`).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [STEP...]}
 shift
@@ -26,5 +27,6 @@ step layer_pure 120 python3 benchmarks/bench_layer.py --device cuda --precision 
 step layer_amp 120 python3 benchmarks/bench_layer.py --device cuda --precision amp --json "$out/layer_amp.json"
 step launch 60 python3 benchmarks/launch_overhead.py --device cuda --json "$out/launch.json"
 step host_profile 60 python3 benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50
+step host_sections 90 python3 benchmarks/host_sections.py --device cuda --json "$out/host_sections.json"
 step train_pure 200 python3 benchmarks/bench_train_step.py --device cuda --precision pure --json "$out/train_pure.json"
-step generate 200 python3 benchmarks/bench_generate.py --device cuda --repeats 5 --json "$out/generate.json"
+step generate 300 python3 benchmarks/bench_generate.py --device cuda --repeats 2 --json "$out/generate.json"

@@ -337,12 +337,17 @@ def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
     layer.base_layer.to(torch.bfloat16)
     x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
     dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    res = {}
+    res, usage = {}, {}
     for switch in ("0", "1"):
         monkeypatch.setenv("HYDRALORA_FUSED", switch)
+        layer.reset_usage()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             assert layer_fused_supported(layer, "default", x, layer.base_layer(x)) == (switch == "1")
             res[switch] = run_reference(layer, x, dy)
+        usage[switch] = layer._usage("default")
+        assert float(layer.usage_acc["default"][-1]) + layer._usage_tokens_host["default"] == T
+    # the fused path's usage comes from the kernel's atomics: the same mean gate as the eager statistics
+    torch.testing.assert_close(usage["1"], usage["0"], rtol=0, atol=1e-2)
     monkeypatch.setenv("HYDRALORA_FUSED", "0")
     x64 = x.detach().double().requires_grad_()
     res["fp64"] = run_reference(copy.deepcopy(layer).double(), x64, dy.double())
