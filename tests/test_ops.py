@@ -473,6 +473,28 @@ def test_launch_caches_the_compiled_kernel_and_falls_back_when_it_cannot(direct_
 
 
 @needs_gpu
+@pytest.mark.parametrize("masked", [False, True])
+def test_autotuned_first_call_counts_usage_once(masked):
+    """The first call for a new shape autotunes: the autotuner runs every config several times, and the usage
+    accumulator must come out counted once (restore_value), as the PyTorch backend counts it."""
+    T, K, d, R, N = 384, 320 + 16 * masked, 64, 8, 3  # K used by no other test: this call tunes
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(T, K, generator=g).to("cuda", torch.bfloat16)
+    A = (torch.randn(R, K, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    G = (torch.randn(N, K, generator=g) * 0.3).to("cuda", torch.bfloat16)
+    B = (torch.randn(N, d, R, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    res = torch.zeros(T, d, device="cuda", dtype=torch.bfloat16)
+    w = (torch.arange(T, device="cuda") % 4 != 0).long() if masked else None
+    usage = {}
+    for be in ("triton", "torch"):
+        usage[be] = torch.zeros(N + 1, device="cuda")
+        with torch.no_grad():
+            hydra_delta_fused(x, A, G, B, res, 2.0, backend=be, usage=usage[be], token_weights=w)
+    torch.testing.assert_close(usage["triton"], usage["torch"], rtol=2e-3, atol=1e-2)
+    assert float(usage["triton"][:N].sum()) == pytest.approx(T * 3 / 4 if masked else T, rel=1e-3)
+
+
+@needs_gpu
 def test_cached_launch_computes_what_the_first_launch_computed():
     """The first call for a key autotunes and compiles; later calls launch the cached compiled kernel directly
     (fops._launch). Both must compute the PyTorch backend's function with the same dropout seed, and an input that is
