@@ -179,7 +179,7 @@ class HydraLoraLayer(BaseTunerLayer):
         m = self._token_mask
         if m is None or x.dim() != 3 or tuple(m.shape) != tuple(x.shape[:2]):
             return None
-        return m
+        return m if m.device == x.device else m.to(x.device)  # a model split over devices: the mask is on the first
 
     def _gate(self, adapter_name: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Gate weights (..., N) fp32 that the layer applies, per the routing mode."""
