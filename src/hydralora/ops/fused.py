@@ -74,15 +74,16 @@ def _keep_mask_torch(T: int, K: int, seed: tuple[int, int], thr: int, device) ->
 
 # --------------------------------------------------------------------------------------------------------------
 # the two kernels, PyTorch backend
-def _count_torch(usage, gate, weights):
-    """usage[:N] += sum_t w_t gate[t] and, with token weights, usage[N] += sum_t w_t (what the kernel's COUNT does)."""
-    n = gate.shape[1]
+def add_usage(sums: torch.Tensor, count: torch.Tensor, gate: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
+    """sums (N,) += sum_t w_t gate[t] and, with token weights, count () += sum_t w_t, in place: what the projection
+    kernel's COUNT does (the PyTorch backend's and the eager layer's usage statistics). gate: (T, N); weights: T
+    values of any dtype (a 0/1 mask of real tokens) or None (every token weight 1, count left alone)."""
     if weights is None:
-        usage[:n].add_(gate.sum(0))
+        sums.add_(gate.sum(0))
         return
     w = weights.reshape(-1, 1).to(gate.dtype)  # (T, 1)
-    usage[:n].add_((gate * w).sum(0))
-    usage[n].add_(w.sum())
+    sums.add_((gate * w).sum(0))
+    count.add_(w.sum())
 
 
 def _proj_torch(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
@@ -96,7 +97,7 @@ def _proj_torch(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage
     gate = torch.softmax(raw * inv_temp, -1)
     z = ((gate * scaling).unsqueeze(-1) * h.unsqueeze(1)).reshape(T, N * R).to(x2.dtype)
     if usage is not None:
-        _count_torch(usage, gate, weights)
+        add_usage(usage[:N], usage[N], gate, weights)
     return z, h, gate, raw
 
 

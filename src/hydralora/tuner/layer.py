@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from transformers.pytorch_utils import Conv1D
 
 from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
+from ..ops.fused import add_usage
 from ..ops.project import dropout_project, use_dropout_project
 from .config import HydraLoraConfig
 
@@ -348,10 +349,7 @@ class HydraLoraLayer(BaseTunerLayer):
                 else:
                     self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
                 return
-            g = gate.reshape(-1, n)  # (T, N)
-            w = mask.reshape(-1, 1).to(g.dtype)  # (T, 1)
-            sums.add_((g * w).sum(0))
-            count.add_(w.sum())
+            add_usage(sums, count, gate.reshape(-1, n), mask)  # (N,) and () in place, weighted by the mask
 
     def hydra_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + (alpha/r) sum_i w_i B_i A dropout(x), all experts in one GEMM. x: (..., k), result: (..., d)."""
