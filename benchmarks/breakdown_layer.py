@@ -38,7 +38,7 @@ def stages(T, K, d, R, N, p, dev, dt, gen):
     y = torch.mm(x, W.t())
     buf = torch.empty_like(x)
     dropout, thr, inv_keep = fops._dropout_params(p, True)
-    seed = (123, 456)
+    seed = torch.tensor([123, 456], device=dev)
     triton_path = fops._use_triton(x, "auto")
     proj = fops._proj_triton if triton_path else fops._proj_torch
     bwd = fops._bwd_x_triton if triton_path else fops._bwd_x_torch
@@ -92,7 +92,8 @@ def sweep(T, K, R, N, t, dev):
 
     RP, NP = fops._pads(R, N)
     x, A, G, dz, h, gate = t["x"], t["A"], t["G"], t["dz"], t["h"], t["gate"]
-    s1, s2 = t["seed"]
+    seed = t["seed"]
+    usage = torch.zeros(N + 1, device=dev)  # the statistics' accumulator (COUNT off below: not written)
     out = []
     z = torch.empty(T, N * R, device=dev, dtype=x.dtype)
     hh = torch.empty(T, R, device=dev, dtype=torch.float32)
@@ -100,8 +101,9 @@ def sweep(T, K, R, N, t, dev):
     for bt, bk, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3,)):
         def run(bt=bt, bk=bk, w=w, s=s):
             tk._proj_fwd.fn[(triton.cdiv(T, bt),)](
-                x, A, G, z, hh, gg, rr, T, K, fops._tb(T), s1, s2, t["thr"], t["inv_keep"], 2.0, 1.0,
-                R=R, N=N, RP=RP, NP=NP, DROPOUT=t["dropout"], BT=bt, BK=bk, num_warps=w, num_stages=s)
+                x, A, G, z, hh, gg, rr, usage, usage, seed, T, K, fops._tb(T), t["thr"], t["inv_keep"], 2.0, 1.0,
+                R=R, N=N, RP=RP, NP=NP, DROPOUT=t["dropout"], COUNT=False, HAS_W=False, BT=bt, BK=bk,
+                num_warps=w, num_stages=s)
         try:
             out.append(("proj", f"BT={bt} BK={bk} warps={w} stages={s}", bench(run, dev)))
         except Exception as err:  # too much shared memory for a config, say
@@ -113,7 +115,7 @@ def sweep(T, K, R, N, t, dev):
 
         def run(bt=bt, bk=bk, ks=ks, w=w, s=s, nT=nT, part=part):
             tk._bwd_x.fn[(nT, ks)](
-                x, dz, h, gate, gate, A, G, dx, part, T, K, fops._tb(T), s1, s2, t["thr"], t["inv_keep"], 2.0,
+                x, dz, h, gate, gate, A, G, dx, part, seed, T, K, fops._tb(T), t["thr"], t["inv_keep"], 2.0,
                 1.0, R=R, N=N, RP=RP, NP=NP, BT=bt, DROPOUT=t["dropout"], HAS_GL=False, NEED_DX=True, BK=bk,
                 KSPLIT=ks, num_warps=w, num_stages=s)
         try:

@@ -6,6 +6,8 @@ CPU tests run the op's pure-PyTorch backend (the reference of the Triton kernels
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,7 +141,7 @@ def test_torch_backend_dropout_matches_masked_reference():
     torch.manual_seed(123)
     out, g, _, _ = run_fused(layer, x, dy, backend="torch", p=p, training=True)
     torch.manual_seed(123)
-    seed = fops.new_seed()
+    seed = fops.new_seed("cpu")
     _, thr, inv_keep = fops._dropout_params(p, True)
     keep = fops._keep_mask_torch(11, 48, seed, thr, "cpu")
     gate = torch.softmax(F.linear(x, G), -1)  # (T, N)
@@ -419,12 +421,13 @@ def test_fused_op_checks_its_usage_arguments():
 
 class _FakeKernel:
     """Stands in for an autotuned Triton kernel: kernel[grid](...) is the autotuner's path and returns a compiled
-    kernel whose [grid](...) is the direct launch (what fused._launch caches)."""
+    kernel whose [grid](...) is Triton's runner and, with `launcher`, whose .run(...) is its launcher (the two direct
+    launches fused._launch caches)."""
 
-    def __init__(self, direct_fails=False):
+    def __init__(self, direct_fails=False, launcher=False):
         self.fn = type("fn", (), {"__name__": "_fake", "arg_names": ["X", "T", "K", "BT"]})()
         self.best_config = type("cfg", (), {"kwargs": {"BT": 16}})()
-        self.tuned, self.direct, self.direct_fails = [], [], direct_fails
+        self.tuned, self.direct, self.launched, self.direct_fails = [], [], [], direct_fails
         outer = self
 
         class Compiled:
@@ -436,6 +439,9 @@ class _FakeKernel:
                 return run
 
         self.compiled = Compiled()
+        if launcher:
+            self.compiled.function, self.compiled.packed_metadata = "fn-handle", (4, 1, 0)
+            self.compiled.run = lambda *a: self.launched.append(a)
 
     def __getitem__(self, grid):
         def run(*args, **kw):
@@ -470,6 +476,58 @@ def test_launch_caches_the_compiled_kernel_and_falls_back_when_it_cannot(direct_
     fops._launch(k, grid, (x[1:], 64, 32), {}, {"BT": 16}, (32,))  # 4 bytes off 16-byte alignment: a new key
     fops._launch(k, grid, (x, 64, 33), {}, {"BT": 16}, (32,))  # K no longer divisible by 16: a new key
     assert len(k.tuned) == 3 and len(fops._COMPILED) == 3
+
+
+class _Hooks:
+    def __init__(self, calls):
+        self.calls = calls
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_cached_launch_calls_the_launcher_unless_a_launch_hook_is_set(hooked, monkeypatch):
+    """Without launch hooks a cached launch calls the compiled kernel's launcher with what Triton's runner passes it
+    (grid, the device's current stream, function, packed metadata, no launch metadata, no hooks, the arguments);
+    with a hook registered (a profiler) it goes through Triton's runner, which calls the hooks."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
+    monkeypatch.setattr(fops, "_COMPILED", {})
+    monkeypatch.setattr(fops, "_DIRECT", {"ok": True})
+    monkeypatch.setattr(fops, "_raw_stream", lambda device: 1000 + (device or 0))
+    runtime = type("rt", (), {"launch_enter_hook": _Hooks([print] if hooked else []),
+                              "launch_exit_hook": _Hooks([])})()
+    monkeypatch.setattr(fops, "_knobs", type("knobs", (), {"runtime": runtime})())
+    k = _FakeKernel(launcher=True)
+    grid = lambda META: (64 // META["BT"], 2)  # noqa: E731
+    x = torch.zeros(64)
+    for _ in range(3):
+        fops._launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,))
+    assert len(k.tuned) == 1
+    if hooked:
+        assert not k.launched and k.direct == [((4, 2, 1), (x, 64, 32, 16))] * 2
+    else:
+        assert not k.direct
+        assert k.launched == [(4, 2, 1, 1000, "fn-handle", (4, 1, 0), None, None, None, x, 64, 32, 16)] * 2
+
+
+def test_hooks_idle_reads_triton_launch_hooks(monkeypatch):
+    """_hooks_idle: empty hook chains or None are idle; a registered hook or a plain callable (older Triton) is not;
+    without Triton's knobs the runner is used."""
+    def knobs(enter, exit_):
+        return type("knobs", (), {"runtime": type("rt", (), {"launch_enter_hook": enter, "launch_exit_hook": exit_})()})()
+    for enter, exit_, idle in [(_Hooks([]), _Hooks([]), True), (None, None, True), (_Hooks([print]), None, False),
+                               (None, _Hooks([print]), False), (print, None, False)]:
+        monkeypatch.setattr(fops, "_knobs", knobs(enter, exit_))
+        assert fops._hooks_idle() is idle, (enter, exit_)
+    monkeypatch.setattr(fops, "_knobs", None)
+    assert fops._hooks_idle() is False
+
+
+def test_int_helpers_match_triton():
+    """_pow2 / _cdiv replace triton.next_power_of_2 / triton.cdiv on the host (same values, cheaper calls)."""
+    for n in [1, 2, 3, 7, 8, 9, 16, 17, 1000, 1024, 1025, 8192, 8193]:
+        assert fops._pow2(n) == 2 ** math.ceil(math.log2(n))
+        for b in (1, 16, 32, 64, 128):
+            assert fops._cdiv(n, b) == math.ceil(n / b)
 
 
 @needs_gpu
@@ -532,7 +590,8 @@ def test_triton_keep_mask_is_the_torch_mask():
     A = torch.eye(k, device="cuda", dtype=torch.bfloat16)  # r = k = 16
     G = torch.zeros(2, k, device="cuda", dtype=torch.bfloat16)
     _, thr, inv_keep = fops._dropout_params(0.5, True)
-    z, h, gate, raw = fops._proj_triton(x, A, G, (11, 22), thr, inv_keep, 1.0, 1.0, True)
+    seed = torch.tensor([11, 22], device="cuda")
+    z, h, gate, raw = fops._proj_triton(x, A, G, seed, thr, inv_keep, 1.0, 1.0, True)
     keep = fops._keep_mask_torch(T, k, (11, 22), thr, "cuda")
     assert torch.equal(h > 0, keep)
 
@@ -613,14 +672,14 @@ def test_triton_kernels_compile_for_hopper(dropout):
 
     from hydralora.ops import _triton_kernels as tk
 
-    scalars = {"T": "i32", "K": "i32", "TB": "i32", "s1": "i32", "s2": "i32", "thr": "i32",
+    scalars = {"T": "i32", "K": "i32", "TB": "i32", "thr": "i32",
                "inv_keep": "fp32", "scaling": "fp32", "inv_temp": "fp32"}
     fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
-           "U": "*fp32", "W": "*i64"}
+           "U": "*fp32", "W": "*i64", "S": "*i64"}
     fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "COUNT": dropout, "HAS_W": dropout, "BT": 64,
              "BK": 64}
     bwd = {"X": "*bf16", "DZ": "*bf16", "H": "*fp32", "P": "*fp32", "GL": "*fp32", "A": "*bf16", "G": "*bf16",
-           "DX": "*bf16", "PART": "*fp32"}
+           "DX": "*bf16", "PART": "*fp32", "S": "*i64"}
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
              "BK": 64, "KSPLIT": 2}
     for kernel, ptrs, const in [(tk._proj_fwd, fwd, fwd_c), (tk._bwd_x, bwd, bwd_c)]:

@@ -37,6 +37,12 @@ except Exception:  # pragma: no cover - depends on the install
     triton = None
     _tk = None
     HAS_TRITON = False
+try:  # where Triton keeps its launch hooks (3.4+); without it every launch goes through Triton's runner
+    from triton import knobs as _knobs
+except Exception:  # pragma: no cover - depends on the install
+    _knobs = None
+# the current CUDA stream of a device as an integer, what Triton's runner asks torch for (absent in CPU builds)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 _M32 = 0xFFFFFFFF
 _GOLD, _C1, _C2 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B
@@ -53,15 +59,17 @@ def _dropout_params(p: float, training: bool) -> tuple[bool, int, float]:
     return True, thr, 1.0 / (1.0 - p)
 
 
-def new_seed() -> tuple[int, int]:
-    """Two int31 seed words from torch's default CPU generator (respects torch.manual_seed; no device sync)."""
-    s1, s2 = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
-    return s1, s2
+def new_seed(device) -> torch.Tensor:
+    """Two int31 seed words, a (2,) int64 tensor drawn on `device` by its default generator (respects
+    torch.manual_seed). Drawn and read on the device: no host round trip, and a CUDA graph's replays draw fresh
+    seeds (a seed drawn on the host would be frozen into the graph, every replay dropping the same elements)."""
+    return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int64)
 
 
-def _keep_mask_torch(T: int, K: int, seed: tuple[int, int], thr: int, device) -> torch.Tensor:
-    """(T, K) bool keep mask: the function the Triton kernels compute, in int64 arithmetic."""
-    s1, s2 = seed
+def _keep_mask_torch(T: int, K: int, seed, thr: int, device) -> torch.Tensor:
+    """(T, K) bool keep mask: the function the Triton kernels compute, in int64 arithmetic. seed: a (2,) int64
+    tensor on `device` (new_seed) or two ints."""
+    s1, s2 = seed[0], seed[1]
     v = torch.arange(T * K, device=device, dtype=torch.int64)
     v = (((v ^ s1) * _GOLD) + s2) & _M32
     v = v ^ (v >> 16)
@@ -126,9 +134,19 @@ def _bwd_x_torch(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_te
 
 # --------------------------------------------------------------------------------------------------------------
 # the two kernels, Triton backend
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1). triton.next_power_of_2 and triton.cdiv are constexpr functions in
+    Triton 3.6, about 3 us of host time per call outside a kernel; these run several times per layer call."""
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _tb(T: int) -> int:
     """Bucket of the token count for the autotuner's key (decode, small and large batches tune separately)."""
-    return min(triton.next_power_of_2(max(int(T), 1)), 8192)
+    return min(_pow2(max(int(T), 1)), 8192)
 
 
 # Launching through the autotuner and Triton's JIT front end costs about 0.15 ms of host time per call on the H200
@@ -136,10 +154,10 @@ def _tb(T: int) -> int:
 # bound by its host, not its GPU. After the first call for a key (which autotunes and compiles as usual) the chosen
 # compiled kernel is launched directly. The key holds everything the compiled code depends on: the autotuner's key
 # and the constexprs (`tune`, `kw`), the device, the tensors' dtypes and 16-byte alignment and, for the integers
-# the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not specialized).
+# the kernels specialize on, divisibility by 16 and equality to 1 (T and TB are not specialized).
 _COMPILED: dict = {}
 _PLANS: dict = {}  # kernel name -> (positions of tensor arguments, positions of specialized integer arguments)
-_FREE_INTS = frozenset({"T", "TB", "s1", "s2"})
+_FREE_INTS = frozenset({"T", "TB"})
 _DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose compiled-kernel runner differs)
 
 
@@ -159,6 +177,16 @@ def _spec_key(kernel, args) -> tuple:
             tuple([(args[i] % 16 == 0, args[i] == 1) for i in ints]))
 
 
+def _hooks_idle() -> bool:
+    """No Triton launch hooks are registered (profilers such as proton register some): Triton's runner then adds
+    nothing to the launch but host time, and the launcher can be called directly."""
+    rt = getattr(_knobs, "runtime", None)
+    if rt is None:
+        return False
+    # Triton 3.6 keeps them as HookChain objects (never None) with a list of calls; older ones as None or a callable
+    return all(h is None or not getattr(h, "calls", True) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
 def _launch(kernel, grid, args, kw, fixed_cfg, tune):
     """Run an autotuned kernel; under TRITON_INTERPRET=1 (no driver to tune with) or HYDRALORA_AUTOTUNE=0
     (tests: fewer compilations) run one fixed config instead. `tune`: the values of the autotuner's key."""
@@ -166,13 +194,21 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
         warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": 4, "num_stages": 3}
         kernel.fn[grid(fixed_cfg)](*args, **kw, **fixed_cfg, **warps)
         return
-    key = (kernel.fn.__name__, tune, tuple(kw.items()), args[0].device.index, _spec_key(kernel, args))
+    dev = args[0].device.index
+    key = (kernel.fn.__name__, tune, tuple(kw.items()), dev, _spec_key(kernel, args))
     hit = _COMPILED.get(key)
     if hit is not None:
-        compiled, meta, tail = hit  # tail: the constexprs' values, in the kernel's argument order
-        g = tuple(grid(meta))
+        compiled, meta, tail, direct = hit  # tail: the constexprs' values, in the kernel's argument order
+        g = grid(meta)
+        g = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)  # the launcher wants 3 grid dims
         try:
-            compiled[g + (1,) * (3 - len(g))](*args, *tail)  # the runner wants 3 grid dims
+            if direct is not None and _hooks_idle():
+                # What Triton's runner calls, without its per-launch extras when no hook is set (a closure, device
+                # and stream lookups through its driver proxy, launch metadata, two empty hook calls).
+                run, function, packed = direct
+                run(*g, _raw_stream(dev), function, packed, None, None, None, *args, *tail)
+            else:
+                compiled[g](*args, *tail)
             return
         except Exception as err:  # the kernels overwrite their outputs, so launching again below is safe
             _COMPILED.clear()
@@ -186,11 +222,21 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
             and getattr(kernel, "best_config", None)):
         meta = dict(kw, **kernel.best_config.kwargs)  # what the grid reads (the grids take T from their closure)
         tail = tuple(meta[n] for n in kernel.fn.arg_names[len(args):])
-        _COMPILED[key] = (compiled, meta, tail)
+        _COMPILED[key] = (compiled, meta, tail, _direct_parts(compiled))
+
+
+def _direct_parts(compiled):
+    """(launcher, function handle, packed metadata) of a compiled kernel that has been launched once, or None where
+    this Triton's compiled kernels do not have them (then its runner launches them)."""
+    function, packed = getattr(compiled, "function", None), getattr(compiled, "packed_metadata", None)
+    run = getattr(compiled, "run", None)  # a property: builds the launcher if the first launch did not
+    if _raw_stream is None or function is None or packed is None or not callable(run):
+        return None
+    return run, function, packed
 
 
 def _pads(R: int, N: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(N))
+    return max(16, _pow2(R)), max(16, _pow2(N))
 
 
 _DUMMY: dict = {}  # device -> a 1-element fp32 tensor for pointer arguments a kernel does not read
@@ -208,9 +254,9 @@ def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usag
     unused = _DUMMY.get(dev)
     if unused is None:
         unused = _DUMMY[dev] = torch.zeros(1, device=dev, dtype=torch.float32)
-    grid = lambda META: (triton.cdiv(T, META["BT"]),)  # noqa: E731
+    grid = lambda META: (_cdiv(T, META["BT"]),)  # noqa: E731
     args = (x2, A, G, z, h, gate, raw, unused if usage is None else usage, unused if weights is None else weights,
-            T, K, _tb(T), seed[0], seed[1], thr, inv_keep, scaling, inv_temp)
+            unused if seed is None else seed, T, K, _tb(T), thr, inv_keep, scaling, inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None)
     _launch(_tk._proj_fwd, grid, args, kw, {"BT": 32, "BK": 128}, (K, _tb(T)))
     return z, h, gate, raw
@@ -225,13 +271,14 @@ def _bwd_x_triton(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_t
     N, R = G.shape[0], A.shape[0]
     RP, NP = _pads(R, N)
     BT = _bwd_bt(T)
-    nT = triton.cdiv(T, BT)
+    nT = _cdiv(T, BT)
     dev = x2.device
     dx = torch.empty_like(x2) if need_dx else x2  # not written when need_dx is False
     part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)  # per row block: dA rows, then dW_g rows
     gl_arg = gl.contiguous() if gl is not None else gate
     grid = lambda META: (nT, META["KSPLIT"])  # noqa: E731
-    args = (x2, dz, h, gate, gl_arg, A, G, dx, part, T, K, _tb(T), seed[0], seed[1], thr, inv_keep, scaling, inv_temp)
+    args = (x2, dz, h, gate, gl_arg, A, G, dx, part, h if seed is None else seed, T, K, _tb(T), thr, inv_keep,
+            scaling, inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
     _launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2}, (K, _tb(T)))
     dAG = part.sum(0).to(A.dtype)  # (R + N, K): one reduction and one cast for both weights (A, G share a dtype here)
@@ -271,7 +318,7 @@ class _HydraFused(torch.autograd.Function):
                 weights):
         triton_path = _use_triton(x2, backend)
         dropout, thr, inv_keep = _dropout_params(dropout_p, training)
-        seed = new_seed() if dropout else (0, 0)
+        seed = new_seed(x2.device) if dropout else None
         proj = _proj_triton if triton_path else _proj_torch
         z, h, gate, raw = proj(x2, A, G, seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout,
                                usage, weights)
@@ -284,16 +331,16 @@ class _HydraFused(torch.autograd.Function):
             out = torch.addmm(result2, z, Bf.t())  # residual add fused into the GEMM epilogue
         else:
             out = result2 + (z @ Bf.t()).to(result2.dtype)
-        ctx.save_for_backward(x2, W0, A, G, Bf, z, h, gate)  # Bf, not B: backward needs no second permute copy
-        ctx.meta = (seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
+        ctx.save_for_backward(x2, W0, A, G, Bf, z, h, gate, seed)  # Bf, not B: backward needs no second permute copy
+        ctx.meta = (thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
         ctx.mark_non_differentiable(gate)
         ctx.set_materialize_grads(False)
         return out, raw, gate
 
     @staticmethod
     def backward(ctx, dout, draw, _dgate):
-        x2, W0, A, G, Bf, z, h, gate = ctx.saved_tensors
-        seed, thr, inv_keep, scaling, inv_temp, dropout, triton_path, owns_base = ctx.meta
+        x2, W0, A, G, Bf, z, h, gate, seed = ctx.saved_tensors
+        thr, inv_keep, scaling, inv_temp, dropout, triton_path, owns_base = ctx.meta
         T, K = x2.shape
         n, r = G.shape[0], A.shape[0]
         d = Bf.shape[0]
