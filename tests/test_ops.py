@@ -238,11 +238,11 @@ def test_fused_switch_values(monkeypatch):
 
 def test_layer_dispatch_plumbing(monkeypatch):
     """The layer's plumbing of the fast path, on the CPU: with the kernels' rules forced to pass, hydra_delta goes
-    through hydra_delta_fused (PyTorch backend) and the layer's output, gradients, balance loss and recorded usage
-    are the eager path's."""
+    through the fused op with the base layer's output (PyTorch backend) and the layer's output, gradients, balance
+    loss and recorded usage are the eager path's."""
     calls = []
-    real = fops.hydra_delta_fused
-    monkeypatch.setattr(fops, "hydra_delta_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fops._apply_2d
+    monkeypatch.setattr(fops, "_apply_2d", lambda *a, **k: calls.append(a[1] is not None) or real(*a, **k))
     monkeypatch.setattr(fops, "fused_supported", lambda *a, **k: True)
     monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
     layer = make_layer(temp=0.5, balance_loss_coef=0.1).train()
@@ -257,7 +257,7 @@ def test_layer_dispatch_plumbing(monkeypatch):
         layer.reset_usage()
         out, g = run_reference(layer, x, dy)
         res[switch] = (out, g, layer.last_aux_loss["default"].detach(), layer._usage("default"))
-    assert len(calls) == 1
+    assert calls == [True]  # one call, given the base output (the delta form)
     (o0, g0, aux0, u0), (o1, g1, aux1, u1) = res["0"], res["1"]
     assert rel(o1, o0) < 1e-5 and rel(aux1, aux0) < 1e-5 and torch.allclose(u1, u0, atol=1e-6)
     for name, a, b in zip(["x", "A", "W_g", "B"], g1, g0):
@@ -401,6 +401,45 @@ def test_layer_runs_a_plain_linear_base_inside_the_op_where_the_dispatch_applies
     run_reference(layer, x, dy)
     hook.remove()
     assert calls == [False]  # a base with hooks is called as base_layer(x); the delta op runs after it
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_no_grad_fused_calls_reuse_the_flat_B_until_B_changes(hooked, monkeypatch):
+    """Without an autograd graph (generation) the fused op gets B's flat copy from the layer's weight cache: built
+    once, reused by later calls, rebuilt after B changes in place; outputs stay the eager layer's. With grad enabled
+    the op builds it (training changes B every step)."""
+    torch.manual_seed(0)
+    layer = make_layer(k=48, d=40, r=4, n=3).eval()
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda module, args, output: None)  # the delta form of the op
+    x = torch.randn(2, 5, 48)
+    monkeypatch.setenv("HYDRALORA_FUSED", "1")
+    monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
+    monkeypatch.setattr(fops, "_layer_supported", lambda *a, **k: True)
+    built = []
+    real_flat = fops._flat_B
+    monkeypatch.setattr(fops, "_flat_B", lambda B: built.append(1) or real_flat(B))
+
+    def eager():
+        monkeypatch.setenv("HYDRALORA_FUSED", "0")
+        with torch.no_grad():
+            out = layer(x)
+        monkeypatch.setenv("HYDRALORA_FUSED", "1")
+        return out
+
+    with torch.no_grad():
+        outs = [layer(x) for _ in range(3)]
+    assert len(built) == 1
+    for out in outs:
+        torch.testing.assert_close(out, eager(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.hydralora_B["default"].mul_(-2.0)
+        out = layer(x)
+    assert len(built) == 2
+    torch.testing.assert_close(out, eager(), rtol=1e-5, atol=1e-5)
+    layer(x)  # grad enabled: the op builds its own copy each call
+    layer(x)
+    assert len(built) == 4
 
 
 def test_fused_op_checks_its_usage_arguments():
@@ -687,3 +726,37 @@ def test_triton_kernels_compile_for_hopper(dropout):
         src = ASTSource(fn=kernel.fn, signature=sig, constexprs=const)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and compiled.asm["ptx"]
+
+
+@needs_gpu
+def test_cuda_graph_replays_draw_fresh_dropout_masks():
+    """The dropout seed is drawn on the device: each replay of a captured fused forward drops other elements (a seed
+    drawn on the host would be frozen into the graph); without dropout a replay equals the eager call."""
+    T, K, d, R, N = 256, 128, 64, 8, 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, K, generator=g).to("cuda", torch.bfloat16)
+    A = (torch.randn(R, K, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    G = (torch.randn(N, K, generator=g) * 0.3).to("cuda", torch.bfloat16)
+    B = (torch.randn(N, d, R, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    res = torch.zeros(T, d, device="cuda", dtype=torch.bfloat16)
+    for p in (0.0, 0.3):
+        def call():
+            with torch.no_grad():
+                return hydra_delta_fused(x, A, G, B, res, 2.0, dropout_p=p, training=True)[0]
+        eager = call()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        replays = []
+        for _ in range(2):
+            graph.replay()
+            replays.append(out.clone())
+        if p == 0.0:
+            assert torch.equal(replays[0], eager) and torch.equal(replays[1], eager)
+        else:
+            assert rel(replays[0], replays[1]) > 1e-2

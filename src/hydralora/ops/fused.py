@@ -310,19 +310,21 @@ def _flat_B(B: torch.Tensor) -> torch.Tensor:
 
 class _HydraFused(torch.autograd.Function):
     """Inputs: x2 (T, K); result2 (T, d) or None; W0 (d, K) frozen or None; bias (d,) frozen or None; A (R, K);
-    G (N, K); B (N, d, R); usage (N + 1,) fp32 or None, token weights (T,) or None (see hydra_delta_fused).
+    G (N, K); B (N, d, R); usage (N + 1,) fp32 or None, token weights (T,) or None (see hydra_delta_fused);
+    Bf: B's (d, N*R) flat copy where the caller keeps one (no-grad calls of the layer), else None.
     Outputs: out (T, d), raw logits (T, N) fp32 (differentiable), gate (T, N) fp32."""
 
     @staticmethod
     def forward(ctx, x2, result2, W0, bias, A, G, B, scaling, temperature, dropout_p, training, backend, usage,
-                weights):
+                weights, Bf):
         triton_path = _use_triton(x2, backend)
         dropout, thr, inv_keep = _dropout_params(dropout_p, training)
         seed = new_seed(x2.device) if dropout else None
         proj = _proj_triton if triton_path else _proj_torch
         z, h, gate, raw = proj(x2, A, G, seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout,
                                usage, weights)
-        Bf = _flat_B(B)
+        if Bf is None:
+            Bf = _flat_B(B)  # (d, N*R)
         if result2 is None:
             # Base GEMM owned here: delta first (a 1-D bias rides in its epilogue), then the base GEMM adds into it
             # in place (beta = 1; out of place, torch.addmm would first copy the delta into a new output).
@@ -349,14 +351,16 @@ class _HydraFused(torch.autograd.Function):
             dout = torch.zeros(T, d, device=x2.device, dtype=x2.dtype)
         dout = dout.contiguous()
         dz = dout @ _as(Bf, dout.dtype)  # (T, N*R)
-        dBf = dout.t() @ _as(z, dout.dtype)  # (d, N*R)
-        dB = _as(dBf.view(d, n, r).permute(1, 0, 2), Bf.dtype)  # (N, d, R)
+        # dB_i = dout^T z_i for every expert in one batched GEMM (dout^T broadcast over the batch), written in B's
+        # own (N, d, R) layout: a (d, N*R) result permuted would reach autograd as a non-contiguous gradient,
+        # which it copies into B's layout (one more kernel and host call per step).
+        dB = _as(torch.matmul(dout.t(), _as(z, dout.dtype).view(T, n, r).transpose(0, 1)), Bf.dtype)  # (N, d, R)
         bwd = _bwd_x_triton if triton_path else _bwd_x_torch
         dx, dA, dG = bwd(x2, dz, h, gate, draw, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_x)
         if need_x and owns_base:
             dx = dx.addmm_(dout, _as(W0, dout.dtype))  # the base's dx GEMM adds into the adapter's dx (its own buffer)
         d_result = dout if (not owns_base and ctx.needs_input_grad[1]) else None
-        return (dx, d_result, None, None, _as(dA, A.dtype), _as(dG, G.dtype), dB) + (None,) * 7
+        return (dx, d_result, None, None, _as(dA, A.dtype), _as(dG, G.dtype), dB) + (None,) * 8
 
 
 def hydra_delta_fused(
@@ -423,7 +427,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend, usage=None,
-              weights=None):
+              weights=None, Bf=None):
     """Flatten x to (T, k), run the Function, and give the results x's leading shape back.
 
     Under autocast the inputs are cast to the autocast dtype first, as autocast does for F.linear: fp32 adapter
@@ -436,6 +440,7 @@ def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p,
     if (x.dtype != dt or A.dtype != dt or W_g.dtype != dt or B.dtype != dt or (res2 is not None and res2.dtype != dt)
             or (weight is not None and weight.dtype != dt) or (bias is not None and bias.dtype != dt)):
         x, A, W_g, B = x.to(dt), A.to(dt), W_g.to(dt), B.to(dt)  # adapter weights: (R+N)*k + N*d*R elements, small
+        Bf = Bf.to(dt) if Bf is not None else None
         weight = weight.to(dt) if weight is not None else None
         bias = bias.to(dt) if bias is not None else None
     lead = x.shape[:-1]
@@ -455,7 +460,7 @@ def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p,
             weights = weights.contiguous()
     args = (x2, res2, weight, bias, A if A.is_contiguous() else A.contiguous(),
             W_g if W_g.is_contiguous() else W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend,
-            usage, weights)
+            usage, weights, Bf)
     if amp:
         with torch.autocast(dev, enabled=False):  # the Function's matmuls run in dt as given
             out, raw, gate = _HydraFused.apply(*args)
@@ -593,9 +598,17 @@ def layer_linear_fused(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     usage, weights = layer._usage_target(name, x)
     out, logits, gate = _apply_2d(x, None, base.weight, base.bias, A, W_g, B, scaling, kw["temperature"],
-                                  kw["dropout_p"], kw["training"], "auto", usage, weights)
+                                  kw["dropout_p"], kw["training"], "auto", usage, weights, _cached_flat_B(layer, name, B))
     layer._record(name, logits, gate, x, counted=usage is not None)
     return out
+
+
+def _cached_flat_B(layer, name: str, B: torch.Tensor) -> Optional[torch.Tensor]:
+    """B's (d, N*R) flat copy, built once per weight version for calls without an autograd graph (generation, eval;
+    the eager layer's cache entry, the same tensor), else None (the op builds it: training changes B every step)."""
+    if torch.is_grad_enabled():
+        return None
+    return layer._eval_cached(name + ".B", (B,), lambda: _flat_B(B))
 
 
 def _adapter_args(layer, name: str) -> tuple:
@@ -609,6 +622,8 @@ def layer_hydra_delta_fused(layer, adapter_name: str, x: torch.Tensor, result: t
     """What HydraLoraLayer.hydra_delta computes, through the fused op (call only where layer_fused_supported)."""
     A, W_g, B, scaling, kw = _adapter_args(layer, adapter_name)
     usage, weights = layer._usage_target(adapter_name, x)
-    out, logits, gate = hydra_delta_fused(x, A, W_g, B, result, scaling, **kw, usage=usage, token_weights=weights)
+    out, logits, gate = _apply_2d(x, result.reshape(-1, result.shape[-1]), None, None, A, W_g, B, scaling,
+                                  kw["temperature"], kw["dropout_p"], kw["training"], "auto", usage, weights,
+                                  _cached_flat_B(layer, adapter_name, B))
     layer._record(adapter_name, logits, gate, x, counted=usage is not None)
     return out
