@@ -308,6 +308,31 @@ def _flat_B(B: torch.Tensor) -> torch.Tensor:
     return B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*r), expert-major along the rank
 
 
+def _fused_forward(x2, result2, W0, bias, A, G, B, scaling, temperature, dropout_p, training, backend, usage, weights,
+                   Bf):
+    """The op's forward (arguments: _HydraFused's inputs): (out, raw, gate, tensors backward needs, its constants).
+    No-grad calls (generation, eval) run it without the autograd Function."""
+    triton_path = _use_triton(x2, backend)
+    dropout, thr, inv_keep = _dropout_params(dropout_p, training)
+    seed = new_seed(x2.device) if dropout else None
+    proj = _proj_triton if triton_path else _proj_torch
+    z, h, gate, raw = proj(x2, A, G, seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout,
+                           usage, weights)  # (T, N*R), (T, R), (T, N), (T, N)
+    if Bf is None:
+        Bf = _flat_B(B)  # (d, N*R)
+    if result2 is None:
+        # Base GEMM owned here: delta first (a 1-D bias rides in its epilogue), then the base GEMM adds into it
+        # in place (beta = 1; out of place, torch.addmm would first copy the delta into a new output).
+        out = (z @ Bf.t() if bias is None else torch.addmm(bias, z, Bf.t())).addmm_(x2, W0.t())  # (T, d)
+    elif result2.dtype == z.dtype and result2.is_contiguous():
+        out = torch.addmm(result2, z, Bf.t())  # (T, d): residual add fused into the GEMM epilogue
+    else:
+        out = result2 + (z @ Bf.t()).to(result2.dtype)  # (T, d)
+    saved = (x2, W0, A, G, Bf, z, h, gate, seed)  # Bf, not B: backward needs no second permute copy
+    meta = (thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
+    return out, raw, gate, saved, meta
+
+
 class _HydraFused(torch.autograd.Function):
     """Inputs: x2 (T, K); result2 (T, d) or None; W0 (d, K) frozen or None; bias (d,) frozen or None; A (R, K);
     G (N, K); B (N, d, R); usage (N + 1,) fp32 or None, token weights (T,) or None (see hydra_delta_fused);
@@ -315,26 +340,10 @@ class _HydraFused(torch.autograd.Function):
     Outputs: out (T, d), raw logits (T, N) fp32 (differentiable), gate (T, N) fp32."""
 
     @staticmethod
-    def forward(ctx, x2, result2, W0, bias, A, G, B, scaling, temperature, dropout_p, training, backend, usage,
-                weights, Bf):
-        triton_path = _use_triton(x2, backend)
-        dropout, thr, inv_keep = _dropout_params(dropout_p, training)
-        seed = new_seed(x2.device) if dropout else None
-        proj = _proj_triton if triton_path else _proj_torch
-        z, h, gate, raw = proj(x2, A, G, seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout,
-                               usage, weights)
-        if Bf is None:
-            Bf = _flat_B(B)  # (d, N*R)
-        if result2 is None:
-            # Base GEMM owned here: delta first (a 1-D bias rides in its epilogue), then the base GEMM adds into it
-            # in place (beta = 1; out of place, torch.addmm would first copy the delta into a new output).
-            out = (z @ Bf.t() if bias is None else torch.addmm(bias, z, Bf.t())).addmm_(x2, W0.t())  # (T, d)
-        elif result2.dtype == z.dtype and result2.is_contiguous():
-            out = torch.addmm(result2, z, Bf.t())  # residual add fused into the GEMM epilogue
-        else:
-            out = result2 + (z @ Bf.t()).to(result2.dtype)
-        ctx.save_for_backward(x2, W0, A, G, Bf, z, h, gate, seed)  # Bf, not B: backward needs no second permute copy
-        ctx.meta = (thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
+    def forward(ctx, *args):
+        out, raw, gate, saved, meta = _fused_forward(*args)
+        ctx.save_for_backward(*saved)
+        ctx.meta = meta
         ctx.mark_non_differentiable(gate)
         ctx.set_materialize_grads(False)
         return out, raw, gate
@@ -461,11 +470,12 @@ def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p,
     args = (x2, res2, weight, bias, A if A.is_contiguous() else A.contiguous(),
             W_g if W_g.is_contiguous() else W_g.contiguous(), B, scaling, temperature, dropout_p, training, backend,
             usage, weights, Bf)
+    op = _HydraFused.apply if torch.is_grad_enabled() else _fused_forward  # no graph: no autograd Function
     if amp:
         with torch.autocast(dev, enabled=False):  # the Function's matmuls run in dt as given
-            out, raw, gate = _HydraFused.apply(*args)
+            out, raw, gate = op(*args)[:3]
     else:  # (building an autocast context costs host time on every call; none is needed here)
-        out, raw, gate = _HydraFused.apply(*args)
+        out, raw, gate = op(*args)[:3]
     if x.dim() == 2:
         return out, raw, gate
     n = W_g.shape[0]
