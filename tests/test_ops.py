@@ -141,7 +141,7 @@ def test_torch_backend_dropout_matches_masked_reference():
     torch.manual_seed(123)
     out, g, _, _ = run_fused(layer, x, dy, backend="torch", p=p, training=True)
     torch.manual_seed(123)
-    seed = fops.new_seed("cpu")
+    seed = fops.new_seed(torch.device("cpu"))
     _, thr, inv_keep = fops._dropout_params(p, True)
     keep = fops._keep_mask_torch(11, 48, seed, thr, "cpu")
     gate = torch.softmax(F.linear(x, G), -1)  # (T, N)
@@ -629,10 +629,9 @@ def test_triton_keep_mask_is_the_torch_mask():
     A = torch.eye(k, device="cuda", dtype=torch.bfloat16)  # r = k = 16
     G = torch.zeros(2, k, device="cuda", dtype=torch.bfloat16)
     _, thr, inv_keep = fops._dropout_params(0.5, True)
-    seed = torch.tensor([11, 22], device="cuda")
-    z, h, gate, raw = fops._proj_triton(x, A, G, seed, thr, inv_keep, 1.0, 1.0, True)
-    keep = fops._keep_mask_torch(T, k, (11, 22), thr, "cuda")
-    assert torch.equal(h > 0, keep)
+    for seed in [(11, 22), torch.tensor([11, 22], device="cuda")]:  # host ints, or read on the device (graphs)
+        z, h, gate, raw = fops._proj_triton(x, A, G, seed, thr, inv_keep, 1.0, 1.0, True)
+        assert torch.equal(h > 0, fops._keep_mask_torch(T, k, (11, 22), thr, "cuda"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -679,6 +678,16 @@ for T, K, d, R, N, p, dt in [(37, 200, 96, 8, 3, 0.0, torch.float32), (37, 200, 
                     B.grad.float(), res.grad.float(), usage]
     for a, b in zip(outs["torch"], outs["triton"]):
         worst = max(worst, ((a - b).norm() / (a.norm() + 1e-12)).item())
+# the seed read on the device (calls captured in a CUDA graph) drops what the same two ints drop
+T, K, R, N = 37, 200, 8, 3
+x, A, G = torch.randn(T, K), torch.randn(R, K) * 0.1, torch.randn(N, K) * 0.1
+_, thr, inv_keep = f._dropout_params(0.3, True)
+fwd = [f._proj_triton(x, A, G, s, thr, inv_keep, 2.0, 1.0, True) for s in [(5, 9), torch.tensor([5, 9])]]
+dz = torch.randn(T, N * R)
+bwd = [f._bwd_x_triton(x, dz, fwd[0][1], fwd[0][2], None, A, G, s, thr, inv_keep, 2.0, 1.0, True, True)
+       for s in [(5, 9), torch.tensor([5, 9])]]
+for a, b in [*zip(fwd[0], fwd[1]), *zip(bwd[0], bwd[1])]:
+    assert torch.equal(a, b), "device seed differs from host seed"
 print("WORST", worst)
 """
 
@@ -711,7 +720,7 @@ def test_triton_kernels_compile_for_hopper(dropout):
 
     from hydralora.ops import _triton_kernels as tk
 
-    scalars = {"T": "i32", "K": "i32", "TB": "i32", "thr": "i32",
+    scalars = {"seed_ptr": "i32", "s1": "i32", "s2": "i32", "T": "i32", "K": "i32", "TB": "i32", "thr": "i32",
                "inv_keep": "fp32", "scaling": "fp32", "inv_temp": "fp32"}
     fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
            "U": "*fp32", "W": "*i64", "S": "*i64"}

@@ -5,7 +5,8 @@ Two kernels, each one pass over x (T, K):
 _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two small tensor-core dots per K tile; the
     epilogue takes the softmax and writes z[t, n*R + j] = scaling * gate[t, n] * h[t, j] (the input of the stacked
     B GEMM), h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of (seed, element
-    index): never stored, regenerated in backward. The seed is read from a device tensor S (2,) int64. With COUNT it also adds the gate's column sums (each token
+    index): never stored, regenerated in backward. The seed: two scalars, or read from a device tensor S (2,)
+    int64 (calls captured in a CUDA graph). With COUNT it also adds the gate's column sums (each token
     weighted by W[t] with HAS_W, then also the sum of W) into the layer's usage statistics U (N + 1,) fp32 by
     atomics: the statistics cost no extra kernels (they were two to three small launches per call).
 _bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward included), then per K tile writes
@@ -23,13 +24,6 @@ import triton.language as tl
 _GOLD = tl.constexpr(-1640531535)  # 0x9E3779B1 (constexpr: Triton jit code may read only constexpr globals)
 _C1 = tl.constexpr(2146121005)  # 0x7FEB352D
 _C2 = tl.constexpr(-2073254261)  # 0x846CA68B
-
-
-@triton.jit
-def _seed(S):
-    """The two int31 seed words of this call, read from the device (drawn there by fused.new_seed: a CUDA graph's
-    replays draw fresh ones)."""
-    return tl.load(S).to(tl.int32), tl.load(S + 1).to(tl.int32)
 
 
 @triton.jit
@@ -56,10 +50,13 @@ def _fwd_configs():
 
 # restore_value: the autotuner's timing runs must not add to the usage statistics.
 @triton.autotune(configs=_fwd_configs(), key=["K", "TB", "DROPOUT"], restore_value=["U"])
-# A new token count must not select (and compile) a new variant: no specialization on it.
-@triton.jit(do_not_specialize=["T", "TB"])
+# A fresh seed per call, or a new token count, must not select (and compile) a new variant: no specialization on
+# them. The seed: the scalars s1, s2, or with seed_ptr != 0 read from S (2,) int64 on the device, where
+# fused.new_seed draws it while a CUDA graph is captured (its replays draw fresh ones). A runtime switch, not a
+# constexpr: a capture must not compile a new variant.
+@triton.jit(do_not_specialize=["T", "TB", "seed_ptr", "s1", "s2"])
 def _proj_fwd(
-    X, A, G, Z, H, P, L, U, W, S, T, K, TB, thr, inv_keep, scaling, inv_temp,
+    X, A, G, Z, H, P, L, U, W, S, seed_ptr, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp,
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
     DROPOUT: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
@@ -71,7 +68,9 @@ def _proj_fwd(
     acc_h = tl.zeros([BT, RP], dtype=tl.float32)
     acc_g = tl.zeros([BT, NP], dtype=tl.float32)
     if DROPOUT:
-        s1, s2 = _seed(S)
+        if seed_ptr != 0:
+            s1 = tl.load(S).to(tl.int32)
+            s2 = tl.load(S + 1).to(tl.int32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         cmask = cols < K
@@ -117,9 +116,9 @@ def _bwd_configs():
 
 
 @triton.autotune(configs=_bwd_configs(), key=["K", "TB", "DROPOUT", "NEED_DX"])
-@triton.jit(do_not_specialize=["T", "TB"])
+@triton.jit(do_not_specialize=["T", "TB", "seed_ptr", "s1", "s2"])
 def _bwd_x(
-    X, DZ, H, P, GL, A, G, DX, PART, S, T, K, TB, thr, inv_keep, scaling, inv_temp,
+    X, DZ, H, P, GL, A, G, DX, PART, S, seed_ptr, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp,
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_GL: tl.constexpr, NEED_DX: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
 ):
@@ -153,7 +152,9 @@ def _bwd_x(
     k_lo = pid_k * kchunk
     k_hi = tl.minimum(k_lo + kchunk, K)
     if DROPOUT:
-        s1, s2 = _seed(S)
+        if seed_ptr != 0:
+            s1 = tl.load(S).to(tl.int32)
+            s2 = tl.load(S + 1).to(tl.int32)
     for k0 in range(k_lo, k_hi, BK):
         cols = k0 + tl.arange(0, BK)
         cmask = cols < k_hi

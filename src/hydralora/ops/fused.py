@@ -59,16 +59,21 @@ def _dropout_params(p: float, training: bool) -> tuple[bool, int, float]:
     return True, thr, 1.0 / (1.0 - p)
 
 
-def new_seed(device) -> torch.Tensor:
-    """Two int31 seed words, a (2,) int64 tensor drawn on `device` by its default generator (respects
-    torch.manual_seed). Drawn and read on the device: no host round trip, and a CUDA graph's replays draw fresh
-    seeds (a seed drawn on the host would be frozen into the graph, every replay dropping the same elements)."""
-    return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int64)
+def new_seed(device):
+    """Two int31 seed words from torch's default generators (respects torch.manual_seed): two ints drawn on the
+    CPU (the kernels take them as scalars), or, while a CUDA graph is being captured on `device`, a (2,) int64
+    tensor drawn on the device, which the kernels read there: a seed drawn on the host would be frozen into the
+    graph (every replay dropping the same elements), a device draw is replayed fresh. (A device draw costs more
+    host time than a CPU one: about 60 against 35 us per call on the H200 machine's host.)"""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int64)
+    s1, s2 = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
+    return s1, s2
 
 
 def _keep_mask_torch(T: int, K: int, seed, thr: int, device) -> torch.Tensor:
-    """(T, K) bool keep mask: the function the Triton kernels compute, in int64 arithmetic. seed: a (2,) int64
-    tensor on `device` (new_seed) or two ints."""
+    """(T, K) bool keep mask: the function the Triton kernels compute, in int64 arithmetic. seed: two ints or a
+    (2,) int64 tensor on `device` (new_seed)."""
     s1, s2 = seed[0], seed[1]
     v = torch.arange(T * K, device=device, dtype=torch.int64)
     v = (((v ^ s1) * _GOLD) + s2) & _M32
@@ -154,10 +159,10 @@ def _tb(T: int) -> int:
 # bound by its host, not its GPU. After the first call for a key (which autotunes and compiles as usual) the chosen
 # compiled kernel is launched directly. The key holds everything the compiled code depends on: the autotuner's key
 # and the constexprs (`tune`, `kw`), the device, the tensors' dtypes and 16-byte alignment and, for the integers
-# the kernels specialize on, divisibility by 16 and equality to 1 (T and TB are not specialized).
+# the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not specialized).
 _COMPILED: dict = {}
 _PLANS: dict = {}  # kernel name -> (positions of tensor arguments, positions of specialized integer arguments)
-_FREE_INTS = frozenset({"T", "TB"})
+_FREE_INTS = frozenset({"T", "TB", "seed_ptr", "s1", "s2"})
 _DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose compiled-kernel runner differs)
 
 
@@ -256,10 +261,18 @@ def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usag
         unused = _DUMMY[dev] = torch.zeros(1, device=dev, dtype=torch.float32)
     grid = lambda META: (_cdiv(T, META["BT"]),)  # noqa: E731
     args = (x2, A, G, z, h, gate, raw, unused if usage is None else usage, unused if weights is None else weights,
-            unused if seed is None else seed, T, K, _tb(T), thr, inv_keep, scaling, inv_temp)
+            *_seed_args(seed, unused), T, K, _tb(T), thr, inv_keep, scaling, inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None)
     _launch(_tk._proj_fwd, grid, args, kw, {"BT": 32, "BK": 128}, (K, _tb(T)))
     return z, h, gate, raw
+
+
+def _seed_args(seed, unused: torch.Tensor) -> tuple:
+    """The kernels' (S, seed_ptr, s1, s2) arguments for new_seed's device tensor or for its two ints."""
+    if isinstance(seed, torch.Tensor):
+        return seed, 1, 0, 0
+    s1, s2 = seed if seed is not None else (0, 0)
+    return unused, 0, s1, s2
 
 
 def _bwd_bt(T: int) -> int:
@@ -277,8 +290,8 @@ def _bwd_x_triton(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_t
     part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)  # per row block: dA rows, then dW_g rows
     gl_arg = gl.contiguous() if gl is not None else gate
     grid = lambda META: (nT, META["KSPLIT"])  # noqa: E731
-    args = (x2, dz, h, gate, gl_arg, A, G, dx, part, h if seed is None else seed, T, K, _tb(T), thr, inv_keep,
-            scaling, inv_temp)
+    args = (x2, dz, h, gate, gl_arg, A, G, dx, part, *_seed_args(seed, h), T, K, _tb(T), thr, inv_keep, scaling,
+            inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
     _launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2}, (K, _tb(T)))
     dAG = part.sum(0).to(A.dtype)  # (R + N, K): one reduction and one cast for both weights (A, G share a dtype here)
@@ -328,8 +341,9 @@ def _fused_forward(x2, result2, W0, bias, A, G, B, scaling, temperature, dropout
         out = torch.addmm(result2, z, Bf.t())  # (T, d): residual add fused into the GEMM epilogue
     else:
         out = result2 + (z @ Bf.t()).to(result2.dtype)  # (T, d)
-    saved = (x2, W0, A, G, Bf, z, h, gate, seed)  # Bf, not B: backward needs no second permute copy
-    meta = (thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
+    dev_seed = seed if isinstance(seed, torch.Tensor) else None  # a device seed is saved as a tensor
+    saved = (x2, W0, A, G, Bf, z, h, gate, dev_seed)  # Bf, not B: backward needs no second permute copy
+    meta = (None if dev_seed is not None else seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
     return out, raw, gate, saved, meta
 
 
@@ -350,8 +364,9 @@ class _HydraFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, draw, _dgate):
-        x2, W0, A, G, Bf, z, h, gate, seed = ctx.saved_tensors
-        thr, inv_keep, scaling, inv_temp, dropout, triton_path, owns_base = ctx.meta
+        x2, W0, A, G, Bf, z, h, gate, dev_seed = ctx.saved_tensors
+        seed, thr, inv_keep, scaling, inv_temp, dropout, triton_path, owns_base = ctx.meta
+        seed = dev_seed if dev_seed is not None else seed
         T, K = x2.shape
         n, r = G.shape[0], A.shape[0]
         d = Bf.shape[0]
