@@ -24,7 +24,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$out/gpu.txt" 2>&1
 step tests 180 python3 -m pytest -q tests/test_ops.py
 step layer_pure 120 python3 benchmarks/bench_layer.py --device cuda --precision pure --json "$out/layer_pure.json"
-step layer_graph 120 python3 benchmarks/bench_layer.py --device cuda --precision pure --cuda-graph --json "$out/layer_graph.json"
+# CUDA-graph replays, one process per variant (with the frozen base for its ratio): a variant that cannot be
+# replayed does not take the others down with it (a CUDA error ends its process).
+step layer_graph 240 bash -c 'for v in "peft r8" authors "ours eager" "ours compile" "ours fused" "ours fused delta" \
+  "ours fused+base"; do echo "-- $v"; python3 benchmarks/bench_layer.py --device cuda --precision pure --cuda-graph \
+  --repeats 20 --variants "base,$v" --json "$0/layer_graph_${v// /_}.json" 2>&1 | grep -E "^\| [a-z]|Error|failed"; done' "$out"
 step layer_amp 120 python3 benchmarks/bench_layer.py --device cuda --precision amp --json "$out/layer_amp.json"
 step launch 60 python3 benchmarks/launch_overhead.py --device cuda --json "$out/launch.json"
 step host_profile 60 python3 benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50
