@@ -569,17 +569,23 @@ def test_int_helpers_match_triton():
             assert fops._cdiv(n, b) == math.ceil(n / b)
 
 
+def _cuda_op_inputs(T, K, d, R, N, seed):
+    """Random bf16 x (T, K), A (R, K), W_g (N, K), B (N, d, R) on the GPU, for the fused op."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g).to("cuda", torch.bfloat16)
+    A = (torch.randn(R, K, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    G = (torch.randn(N, K, generator=g) * 0.3).to("cuda", torch.bfloat16)
+    B = (torch.randn(N, d, R, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    return x, A, G, B
+
+
 @needs_gpu
 @pytest.mark.parametrize("masked", [False, True])
 def test_autotuned_first_call_counts_usage_once(masked):
     """The first call for a new shape autotunes: the autotuner runs every config several times, and the usage
     accumulator must come out counted once (restore_value), as the PyTorch backend counts it."""
     T, K, d, R, N = 384, 320 + 16 * masked, 64, 8, 3  # K used by no other test: this call tunes
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(T, K, generator=g).to("cuda", torch.bfloat16)
-    A = (torch.randn(R, K, generator=g) * 0.1).to("cuda", torch.bfloat16)
-    G = (torch.randn(N, K, generator=g) * 0.3).to("cuda", torch.bfloat16)
-    B = (torch.randn(N, d, R, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    x, A, G, B = _cuda_op_inputs(T, K, d, R, N, seed=11)
     res = torch.zeros(T, d, device="cuda", dtype=torch.bfloat16)
     w = (torch.arange(T, device="cuda") % 4 != 0).long() if masked else None
     usage = {}
@@ -739,14 +745,11 @@ def test_triton_kernels_compile_for_hopper(dropout):
 
 @needs_gpu
 def test_cuda_graph_replays_draw_fresh_dropout_masks():
-    """The dropout seed is drawn on the device: each replay of a captured fused forward drops other elements (a seed
-    drawn on the host would be frozen into the graph); without dropout a replay equals the eager call."""
+    """While a CUDA graph is captured the dropout seed is drawn on the device: each replay of a captured fused
+    forward drops other elements (a seed drawn on the host would be frozen into the graph); without dropout a replay
+    equals the eager call."""
     T, K, d, R, N = 256, 128, 64, 8, 3
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(T, K, generator=g).to("cuda", torch.bfloat16)
-    A = (torch.randn(R, K, generator=g) * 0.1).to("cuda", torch.bfloat16)
-    G = (torch.randn(N, K, generator=g) * 0.3).to("cuda", torch.bfloat16)
-    B = (torch.randn(N, d, R, generator=g) * 0.1).to("cuda", torch.bfloat16)
+    x, A, G, B = _cuda_op_inputs(T, K, d, R, N, seed=3)
     res = torch.zeros(T, d, device="cuda", dtype=torch.bfloat16)
     for p in (0.0, 0.3):
         def call():
