@@ -245,6 +245,20 @@ def _pads(R: int, N: int) -> tuple[int, int]:
 
 
 _DUMMY: dict = {}  # device -> a 1-element fp32 tensor for pointer arguments a kernel does not read
+_SEED_DUMMY: dict = {}  # device -> a (2,) int64 tensor for the seed pointer when the seed comes as two ints
+
+
+def _seed_args(seed, device) -> tuple:
+    """The kernels' (S, seed_ptr, s1, s2) arguments for new_seed's device tensor or for its two ints. S is an int64
+    tensor either way: a pointer of another dtype would select another compiled kernel, compiled (and loaded) in the
+    middle of a CUDA graph capture, which invalidates the capture."""
+    if isinstance(seed, torch.Tensor):
+        return seed, 1, 0, 0
+    S = _SEED_DUMMY.get(device)
+    if S is None:
+        S = _SEED_DUMMY[device] = torch.zeros(2, device=device, dtype=torch.int64)
+    s1, s2 = seed if seed is not None else (0, 0)
+    return S, 0, s1, s2
 
 
 def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
@@ -261,18 +275,10 @@ def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usag
         unused = _DUMMY[dev] = torch.zeros(1, device=dev, dtype=torch.float32)
     grid = lambda META: (_cdiv(T, META["BT"]),)  # noqa: E731
     args = (x2, A, G, z, h, gate, raw, unused if usage is None else usage, unused if weights is None else weights,
-            *_seed_args(seed, unused), T, K, _tb(T), thr, inv_keep, scaling, inv_temp)
+            *_seed_args(seed, dev), T, K, _tb(T), thr, inv_keep, scaling, inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None)
     _launch(_tk._proj_fwd, grid, args, kw, {"BT": 32, "BK": 128}, (K, _tb(T)))
     return z, h, gate, raw
-
-
-def _seed_args(seed, unused: torch.Tensor) -> tuple:
-    """The kernels' (S, seed_ptr, s1, s2) arguments for new_seed's device tensor or for its two ints."""
-    if isinstance(seed, torch.Tensor):
-        return seed, 1, 0, 0
-    s1, s2 = seed if seed is not None else (0, 0)
-    return unused, 0, s1, s2
 
 
 def _bwd_bt(T: int) -> int:
@@ -290,7 +296,7 @@ def _bwd_x_triton(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_t
     part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)  # per row block: dA rows, then dW_g rows
     gl_arg = gl.contiguous() if gl is not None else gate
     grid = lambda META: (nT, META["KSPLIT"])  # noqa: E731
-    args = (x2, dz, h, gate, gl_arg, A, G, dx, part, *_seed_args(seed, h), T, K, _tb(T), thr, inv_keep, scaling,
+    args = (x2, dz, h, gate, gl_arg, A, G, dx, part, *_seed_args(seed, dev), T, K, _tb(T), thr, inv_keep, scaling,
             inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
     _launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2}, (K, _tb(T)))
