@@ -114,24 +114,6 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int = 5, repeats: int =
     return out
 
 
-def graphed(fn: Callable[[], None], device: str, warmup: int = 3) -> Callable[[], None]:
-    """fn captured once into a CUDA graph; the returned callable replays it. What a step costs the GPU alone, with
-    no host time in between (torch.cuda.graphs: warm-up on a side stream, so that autotuning, cuBLAS workspaces and
-    lazy inits happen outside the capture). Host-side effects of fn (counters kept in Python) run at capture only."""
-    if device != "cuda":
-        raise ValueError(f"--cuda-graph: needs --device cuda, got --device {device}")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():

@@ -3,7 +3,6 @@ all measured in the same run.
 
     python benchmarks/bench_layer.py --device cuda            # 4096x4096, 8192 tokens, bf16 (issue 5, target 1)
     python benchmarks/bench_layer.py --device cpu             # 1024x1024, 2048 tokens, fp32 (target 4), < 1 min
-    python benchmarks/bench_layer.py --device cuda --cuda-graph   # each step replayed from a CUDA graph: GPU cost only
 
 Variants: base, PEFT LoRA r=8/16/32, the authors' formulation, ours eager (HydraLinear with HYDRALORA_FUSED=0),
 ours torch.compile (of the eager layer), ours fused (HydraLinear with HYDRALORA_FUSED=1: its base is a plain
@@ -110,12 +109,6 @@ def make_step(layer, trainable, x, dy, args):
     return step
 
 
-def _failed(row: dict, variant: str, err: Exception) -> None:
-    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-    row["error_full"] = f"{type(err).__name__}: {err}"  # Triton puts the failing source line after the first
-    print(f"{variant} failed:\n{row['error_full']}", flush=True)
-
-
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
     C.add_layer_args(p)
@@ -125,11 +118,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="include torch.compile on CPU too (slow to compile)")
     p.add_argument("--inference", action="store_true",
                    help="forward only, eval mode, no grad (decode-like with --tokens 1: per-call overhead)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="time each variant's step replayed from a CUDA graph: the GPU's cost without host time")
     args = p.parse_args()
-    if args.cuda_graph and args.device != "cuda":
-        p.error(f"--cuda-graph: needs --device cuda, got --device {args.device}")
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
     T, k = C.layer_shape(args)
@@ -173,18 +162,9 @@ def main():
                 C.time_ms(step, dev, warmup=warmup, repeats=1, inner=1)
             steps[v] = step
         except Exception as err:  # a variant that fails (e.g. compile) is reported, not fatal
-            _failed(row, v, err)
-    if args.cuda_graph:
-        # Captured after every variant's memory was measured: the measurements empty the allocator's cache, and
-        # nothing may be released between a capture and its replays.
-        for v in list(steps):
-            try:
-                with C.fused_dispatch(v.startswith("ours fused")):
-                    steps[v] = C.graphed(steps[v], dev)
-                    C.time_ms(steps[v], dev, warmup=warmup, repeats=1, inner=1)
-            except Exception as err:
-                _failed(next(r for r in rows if r["variant"] == v), v, err)
-                del steps[v]
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            row["error_full"] = f"{type(err).__name__}: {err}"  # Triton puts the failing source line after the first
+            print(f"{v} failed:\n{row['error_full']}", flush=True)
     # Round-robin: every round times each variant once, so drifts and neighbours' load hit all variants alike; the
     # order is shuffled per round (seeded), so no variant always follows the same neighbour (session 4 saw the
     # variant timed right after torch.compile's come out slower in two runs).
@@ -219,7 +199,7 @@ def main():
     if cuda:
         cols += [("host_ms", "host ms to issue", 3), ("extra_mib", "fwd+bwd peak extra MiB", 0)]
     info = C.env_info(dev)
-    title = f"Layer {'forward (inference)' if args.inference else 'fwd+bwd'}{' (CUDA graph replays)' if args.cuda_graph else ''}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
+    title = f"Layer {'forward (inference)' if args.inference else 'fwd+bwd'}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
             f"precision {args.precision}, {info.get('gpu', info.get('cpu'))}"
     table = C.print_table(rows, cols, title)
     ours = next((r for r in rows if r["variant"] == "ours eager" and "ms" in r), None)

@@ -38,7 +38,7 @@ def stages(T, K, d, R, N, p, dev, dt, gen):
     y = torch.mm(x, W.t())
     buf = torch.empty_like(x)
     dropout, thr, inv_keep = fops._dropout_params(p, True)
-    seed = torch.tensor([123, 456], device=dev)
+    seed = (123, 456)
     triton_path = fops._use_triton(x, "auto")
     proj = fops._proj_triton if triton_path else fops._proj_torch
     bwd = fops._bwd_x_triton if triton_path else fops._bwd_x_torch
@@ -92,7 +92,7 @@ def sweep(T, K, R, N, t, dev):
 
     RP, NP = fops._pads(R, N)
     x, A, G, dz, h, gate = t["x"], t["A"], t["G"], t["dz"], t["h"], t["gate"]
-    seed = t["seed"]
+    seed = fops._seed_args(t["seed"], dev)  # (S, seed_ptr, s1, s2): the two ints, as the op passes them
     usage = torch.zeros(N + 1, device=dev)  # the statistics' accumulator (COUNT off below: not written)
     out = []
     z = torch.empty(T, N * R, device=dev, dtype=x.dtype)
@@ -101,7 +101,7 @@ def sweep(T, K, R, N, t, dev):
     for bt, bk, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3,)):
         def run(bt=bt, bk=bk, w=w, s=s):
             tk._proj_fwd.fn[(triton.cdiv(T, bt),)](
-                x, A, G, z, hh, gg, rr, usage, usage, seed, T, K, fops._tb(T), t["thr"], t["inv_keep"], 2.0, 1.0,
+                x, A, G, z, hh, gg, rr, usage, usage, *seed, T, K, fops._tb(T), t["thr"], t["inv_keep"], 2.0, 1.0,
                 R=R, N=N, RP=RP, NP=NP, DROPOUT=t["dropout"], COUNT=False, HAS_W=False, BT=bt, BK=bk,
                 num_warps=w, num_stages=s)
         try:
@@ -115,7 +115,7 @@ def sweep(T, K, R, N, t, dev):
 
         def run(bt=bt, bk=bk, ks=ks, w=w, s=s, nT=nT, part=part):
             tk._bwd_x.fn[(nT, ks)](
-                x, dz, h, gate, gate, A, G, dx, part, seed, T, K, fops._tb(T), t["thr"], t["inv_keep"], 2.0,
+                x, dz, h, gate, gate, A, G, dx, part, *seed, T, K, fops._tb(T), t["thr"], t["inv_keep"], 2.0,
                 1.0, R=R, N=N, RP=RP, NP=NP, BT=bt, DROPOUT=t["dropout"], HAS_GL=False, NEED_DX=True, BK=bk,
                 KSPLIT=ks, num_warps=w, num_stages=s)
         try:

@@ -4,7 +4,7 @@
 # GPU tests first (the fused path's correctness), then the layer, launch, host-profile, train-step and generate
 # benchmarks; each step's JSON and log land in OUTDIR, and a failing step does not stop the ones after it.
 # Naming steps runs only those, to split the suite over calls with a time limit (10 min each on the H200 here:
-# `tests layer_pure layer_graph layer_amp launch host_profile host_sections`, then `train_pure generate`).
+# `tests layer_pure layer_amp launch host_profile host_sections`, then `train_pure generate`).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [STEP...]}
 shift
@@ -24,11 +24,6 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$out/gpu.txt" 2>&1
 step tests 180 python3 -m pytest -q tests/test_ops.py
 step layer_pure 120 python3 benchmarks/bench_layer.py --device cuda --precision pure --json "$out/layer_pure.json"
-# CUDA-graph replays, one process per variant (with the frozen base for its ratio): a variant that cannot be
-# replayed does not take the others down with it (a CUDA error ends its process).
-step layer_graph 240 bash -c 'for v in "peft r8" authors "ours eager" "ours compile" "ours fused" "ours fused delta" \
-  "ours fused+base"; do echo "-- $v"; python3 benchmarks/bench_layer.py --device cuda --precision pure --cuda-graph \
-  --repeats 20 --variants "base,$v" --json "$0/layer_graph_${v// /_}.json" 2>&1 | grep -E "^\| [a-z]|Error|failed"; done' "$out"
 step layer_amp 120 python3 benchmarks/bench_layer.py --device cuda --precision amp --json "$out/layer_amp.json"
 step launch 60 python3 benchmarks/launch_overhead.py --device cuda --json "$out/launch.json"
 step host_profile 60 python3 benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50

@@ -76,8 +76,3 @@ def test_gpu_suite_parses_and_calls_scripts_that_exist():
 def test_bad_precision_is_refused():
     proc = _run("bench_layer.py", "--precision", "fp8")
     assert proc.returncode == 2 and "--precision" in proc.stderr and "'pure', 'amp'" in proc.stderr
-
-
-def test_cuda_graph_mode_needs_cuda_and_says_so():
-    proc = _run("bench_layer.py", "--device", "cpu", "--cuda-graph", "--tokens", "16", "--features", "16")
-    assert proc.returncode == 2 and "--cuda-graph: needs --device cuda, got --device cpu" in proc.stderr
