@@ -349,7 +349,8 @@ def _fused_forward(x2, result2, W0, bias, A, G, B, scaling, temperature, dropout
         out = result2 + (z @ Bf.t()).to(result2.dtype)  # (T, d)
     dev_seed = seed if isinstance(seed, torch.Tensor) else None  # a device seed is saved as a tensor
     saved = (x2, W0, A, G, Bf, z, h, gate, dev_seed)  # Bf, not B: backward needs no second permute copy
-    meta = (None if dev_seed is not None else seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout, triton_path, result2 is None)
+    meta = (None if dev_seed is not None else seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout,
+            triton_path, result2 is None)
     return out, raw, gate, saved, meta
 
 
@@ -630,7 +631,8 @@ def layer_linear_fused(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     usage, weights = layer._usage_target(name, x)
     out, logits, gate = _apply_2d(x, None, base.weight, base.bias, A, W_g, B, scaling, kw["temperature"],
-                                  kw["dropout_p"], kw["training"], "auto", usage, weights, _cached_flat_B(layer, name, B))
+                                  kw["dropout_p"], kw["training"], "auto", usage, weights,
+                                  _cached_flat_B(layer, name, B))
     layer._record(name, logits, gate, x, counted=usage is not None)
     return out
 
