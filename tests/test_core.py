@@ -447,6 +447,37 @@ def test_compiled_layer_does_not_recompile_as_usage_grows(train):
     assert usage_tokens(layer) == 6 * 2 * 5
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused-op"])
+def test_usage_tokens_are_counted_on_the_device_while_a_cuda_graph_is_captured(fused, monkeypatch):
+    """A captured graph's replays run no Python: during capture the unmasked token count goes to the device
+    accumulator (replayed with the gate sums), not to the host float. Capture is simulated on the CPU; the
+    statistics come out the same as without it."""
+    from hydralora import HydraLinear
+    from hydralora.ops import fused as fops
+    from hydralora.tuner import layer as hlayer
+
+    if fused:  # the fused op's path (PyTorch backend on the CPU), where the layer counts tokens in _usage_target
+        monkeypatch.setenv("HYDRALORA_FUSED", "1")
+        monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
+        monkeypatch.setattr(fops, "_layer_supported", lambda *a, **k: True)
+    torch.manual_seed(0)
+    cfg = HydraLoraConfig(r=4, lora_alpha=8, num_experts=3, target_modules=["x"], lora_dropout=0.0)
+    layer = HydraLinear(torch.nn.Linear(32, 24), "default", cfg).eval()
+    randomize_adapters(layer)
+    x = torch.randn(2, 5, 32)
+    usage = {}
+    for capturing in (False, True):
+        monkeypatch.setattr(hlayer, "_capturing", lambda t: capturing)
+        layer.reset_usage()
+        with torch.no_grad():
+            layer(x)
+            layer(x)
+        usage[capturing] = layer._usage("default")
+        on_device = float(layer.usage_acc["default"][-1])
+        assert (on_device, layer._usage_tokens_host.get("default", 0.0)) == ((20, 0.0) if capturing else (0, 20))
+    torch.testing.assert_close(usage[True], usage[False])
+
+
 def test_trainer_steps_lower_the_loss(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments

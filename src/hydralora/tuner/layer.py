@@ -28,6 +28,11 @@ MERGE_UNDER_TOKEN_ROUTING = (
 )
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device's current stream."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def balance_loss(probs: torch.Tensor, kind: str, top_k: Optional[int] = None) -> torch.Tensor:
     """Load-balancing loss of router probabilities `probs` (T, N), fp32.
 
@@ -324,15 +329,23 @@ class HydraLoraLayer(BaseTunerLayer):
 
     def _usage_target(self, adapter_name: str, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """For the fused op: (usage accumulator, token mask or None) when this call's usage is to be counted, else
-        (None, None). Unmasked calls count their tokens here on the host; the kernel adds the gate sums."""
+        (None, None). Unmasked calls count their tokens here (_add_tokens); the kernel adds the gate sums."""
         if not (self._recording and self.hconfig[adapter_name].track_usage):
             return None, None
         acc = self._usage_acc_on(adapter_name, x.device)
         mask = self._mask_for(x)
         if mask is None:
-            tokens = x.numel() // x.shape[-1]
-            self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
+            self._add_tokens(adapter_name, x.numel() // x.shape[-1], x)
         return acc, mask
+
+    def _add_tokens(self, adapter_name: str, tokens: int, x: torch.Tensor) -> None:
+        """Count an unmasked call's tokens: on the host (no kernel), or on the device where a host count would go
+        wrong: inside a torch.compile trace (a host float is a guard: every call would recompile) and while a CUDA
+        graph is captured (its replays run no Python: a host count would stay at the capture's)."""
+        if torch.compiler.is_compiling() or _capturing(x):
+            self._usage_views[adapter_name][1].add_(tokens)
+        else:
+            self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
 
     def _count_usage(self, adapter_name: str, gate: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Add a call's gate weights to the usage statistics: summed over real tokens (mask (B, T) or None)."""
@@ -343,11 +356,7 @@ class HydraLoraLayer(BaseTunerLayer):
             sums, count = self._usage_views[adapter_name]  # (N,), ()
             if mask is None:
                 sums.add_(gate.sum(tuple(range(gate.dim() - 1))))  # (N,): one reduction, no reshape
-                tokens = gate.numel() // n
-                if torch.compiler.is_compiling():  # a host float would be a guard: every call would recompile
-                    count.add_(tokens)
-                else:
-                    self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
+                self._add_tokens(adapter_name, gate.numel() // n, gate)
                 return
             add_usage(sums, count, gate.reshape(-1, n), mask)  # (N,) and () in place, weighted by the mask
 
