@@ -772,3 +772,29 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks():
             assert torch.equal(replays[0], eager) and torch.equal(replays[1], eager)
         else:
             assert rel(replays[0], replays[1]) > 1e-2
+
+
+@needs_gpu
+def test_layer_usage_statistics_follow_cuda_graph_replays():
+    """A layer captured in a CUDA graph: each replay adds its gate sums and its token count on the device, so the
+    mean usage after replays is the eager calls' mean and the token count grows with every replay."""
+    layer = make_layer(k=64, d=48, r=8, n=3, dtype=torch.bfloat16, device="cuda").eval()
+    x = torch.randn(4, 16, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+    eager_mean = layer._usage("default").clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    layer.reset_usage()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        layer(x)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    acc = layer.usage_acc["default"]
+    assert float(acc[-1]) + layer._usage_tokens_host.get("default", 0.0) == 3 * 64  # the replays' tokens only
+    torch.testing.assert_close(layer._usage("default"), eager_mean, rtol=1e-3, atol=1e-3)

@@ -438,11 +438,17 @@ class HydraLoraLayer(BaseTunerLayer):
             return None
         n = acc.shape[0] - 1
         tokens = acc[n] + self._usage_tokens_host.get(adapter_name, 0.0)
-        return acc[:n] / tokens.clamp_min(1.0)
+        if float(tokens) == 0.0:  # nothing counted since the last reset (reads the device: a reporting call)
+            return None
+        return acc[:n] / tokens
 
     def reset_usage(self) -> None:
-        self.usage_acc.clear()
-        self._usage_views.clear()
+        """Start the usage statistics again. The accumulators are zeroed in place, not replaced: a CUDA graph that
+        captured this layer keeps adding into them on replay, and one created during a capture would have its
+        zero-fill replayed with every step."""
+        with torch.no_grad():
+            for acc in self.usage_acc.values():
+                acc.zero_()
         self._usage_tokens_host.clear()
 
 
