@@ -59,13 +59,18 @@ def _dropout_params(p: float, training: bool) -> tuple[bool, int, float]:
     return True, thr, 1.0 / (1.0 - p)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on `device`'s current stream (then host-side values freeze)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def new_seed(device):
     """Two int31 seed words from torch's default generators (respects torch.manual_seed): two ints drawn on the
     CPU (the kernels take them as scalars), or, while a CUDA graph is being captured on `device`, a (2,) int64
     tensor drawn on the device, which the kernels read there: a seed drawn on the host would be frozen into the
     graph (every replay dropping the same elements), a device draw is replayed fresh. (A device draw costs more
     host time than a CPU one: about 60 against 35 us per call on the H200 machine's host.)"""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(device):
         return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int64)
     s1, s2 = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
     return s1, s2
@@ -244,8 +249,14 @@ def _pads(R: int, N: int) -> tuple[int, int]:
     return max(16, _pow2(R)), max(16, _pow2(N))
 
 
-_DUMMY: dict = {}  # device -> a 1-element fp32 tensor for pointer arguments a kernel does not read
-_SEED_DUMMY: dict = {}  # device -> a (2,) int64 tensor for the seed pointer when the seed comes as two ints
+_PLACEHOLDERS: dict = {}  # (device, dtype) -> a 2-element zero tensor for pointer arguments a kernel does not read
+
+
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    t = _PLACEHOLDERS.get((device, dtype))
+    if t is None:
+        t = _PLACEHOLDERS[(device, dtype)] = torch.zeros(2, device=device, dtype=dtype)
+    return t
 
 
 def _seed_args(seed, device) -> tuple:
@@ -254,11 +265,8 @@ def _seed_args(seed, device) -> tuple:
     middle of a CUDA graph capture, which invalidates the capture."""
     if isinstance(seed, torch.Tensor):
         return seed, 1, 0, 0
-    S = _SEED_DUMMY.get(device)
-    if S is None:
-        S = _SEED_DUMMY[device] = torch.zeros(2, device=device, dtype=torch.int64)
     s1, s2 = seed if seed is not None else (0, 0)
-    return S, 0, s1, s2
+    return _placeholder(device, torch.int64), 0, s1, s2
 
 
 def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
@@ -270,9 +278,7 @@ def _proj_triton(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usag
     h = torch.empty(T, R, device=dev, dtype=torch.float32)
     gate = torch.empty(T, N, device=dev, dtype=torch.float32)
     raw = torch.empty(T, N, device=dev, dtype=torch.float32)
-    unused = _DUMMY.get(dev)
-    if unused is None:
-        unused = _DUMMY[dev] = torch.zeros(1, device=dev, dtype=torch.float32)
+    unused = _placeholder(dev, torch.float32)
     grid = lambda META: (_cdiv(T, META["BT"]),)  # noqa: E731
     args = (x2, A, G, z, h, gate, raw, unused if usage is None else usage, unused if weights is None else weights,
             *_seed_args(seed, dev), T, K, _tb(T), thr, inv_keep, scaling, inv_temp)
@@ -629,10 +635,15 @@ def layer_linear_fused(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     dt, amp = _compute_dtype(x), torch.is_autocast_enabled(x.device.type)
     if not (_gemm_operand(base.weight, x, dt, amp) and (base.bias is None or _gemm_operand(base.bias, x, dt, amp))):
         return None
+    return _run_for_layer(layer, name, x, None, base.weight, base.bias, A, W_g, B, scaling, kw)
+
+
+def _run_for_layer(layer, name: str, x, res2, weight, bias, A, W_g, B, scaling, kw) -> torch.Tensor:
+    """The fused op for one adapter of a layer: its usage counted in the op, B's flat copy from the layer's cache
+    where no graph is recorded, the balance loss and statistics recorded on the layer."""
     usage, weights = layer._usage_target(name, x)
-    out, logits, gate = _apply_2d(x, None, base.weight, base.bias, A, W_g, B, scaling, kw["temperature"],
-                                  kw["dropout_p"], kw["training"], "auto", usage, weights,
-                                  _cached_flat_B(layer, name, B))
+    out, logits, gate = _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, kw["temperature"], kw["dropout_p"],
+                                  kw["training"], "auto", usage, weights, _cached_flat_B(layer, name, B))
     layer._record(name, logits, gate, x, counted=usage is not None)
     return out
 
@@ -655,9 +666,5 @@ def _adapter_args(layer, name: str) -> tuple:
 def layer_hydra_delta_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """What HydraLoraLayer.hydra_delta computes, through the fused op (call only where layer_fused_supported)."""
     A, W_g, B, scaling, kw = _adapter_args(layer, adapter_name)
-    usage, weights = layer._usage_target(adapter_name, x)
-    out, logits, gate = _apply_2d(x, result.reshape(-1, result.shape[-1]), None, None, A, W_g, B, scaling,
-                                  kw["temperature"], kw["dropout_p"], kw["training"], "auto", usage, weights,
-                                  _cached_flat_B(layer, adapter_name, B))
-    layer._record(adapter_name, logits, gate, x, counted=usage is not None)
-    return out
+    return _run_for_layer(layer, adapter_name, x, result.reshape(-1, result.shape[-1]), None, None, A, W_g, B,
+                          scaling, kw)

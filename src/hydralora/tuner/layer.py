@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from transformers.pytorch_utils import Conv1D
 
 from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
-from ..ops.fused import add_usage
+from ..ops.fused import add_usage, capturing as _capturing
 from ..ops.project import dropout_project, use_dropout_project
 from .config import HydraLoraConfig
 
@@ -26,11 +26,6 @@ MERGE_UNDER_TOKEN_ROUTING = (
     "is not one fixed matrix. Choose a fixed gate first: hydralora.merge_and_unload(model, gate='mean' | expert "
     "index | [w_1, ..., w_N]) or hydralora.set_routing(model, 'fixed', gate) followed by merge_adapter()."
 )
-
-
-def _capturing(x: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on x's device's current stream."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def balance_loss(probs: torch.Tensor, kind: str, top_k: Optional[int] = None) -> torch.Tensor:
@@ -342,7 +337,7 @@ class HydraLoraLayer(BaseTunerLayer):
         """Count an unmasked call's tokens: on the host (no kernel), or on the device where a host count would go
         wrong: inside a torch.compile trace (a host float is a guard: every call would recompile) and while a CUDA
         graph is captured (its replays run no Python: a host count would stay at the capture's)."""
-        if torch.compiler.is_compiling() or _capturing(x):
+        if torch.compiler.is_compiling() or _capturing(x.device):
             self._usage_views[adapter_name][1].add_(tokens)
         else:
             self._usage_tokens_host[adapter_name] = self._usage_tokens_host.get(adapter_name, 0.0) + tokens
@@ -351,7 +346,7 @@ class HydraLoraLayer(BaseTunerLayer):
         """Add a call's gate weights to the usage statistics: summed over real tokens (mask (B, T) or None)."""
         n = gate.shape[-1]
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            # Weighted sums, not boolean indexing (no device sync); without a mask the count stays on the host.
+            # Weighted sums, not boolean indexing (no device sync); an unmasked call's token count: _add_tokens.
             self._usage_acc_on(adapter_name, gate.device)
             sums, count = self._usage_views[adapter_name]  # (N,), ()
             if mask is None:
