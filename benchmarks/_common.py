@@ -114,6 +114,28 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int = 5, repeats: int =
     return out
 
 
+def device_busy_ms(fn: Callable[[], None], device: str, calls: int = 5) -> Optional[float]:
+    """The GPU's busy time per call of fn: torch.profiler's kernel, copy and fill durations on the device, summed
+    and divided by `calls` (CUDA only, else None). What a call costs the GPU alone, without the host's time to issue
+    it or the gaps the host leaves between kernels: on a host too slow for the GPU (the H200 machines here, where
+    every variant but the frozen layer is host-bound), this is the cost that a faster host or CUDA graphs would
+    leave. Call after warm-up (a compile or autotuning run inside the window would count)."""
+    if device != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if busy_us <= 0:
+        raise RuntimeError("device_busy_ms: the profiler recorded no device activity (is CUPTI available?)")
+    return busy_us / 1e3 / calls
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():

@@ -6,6 +6,10 @@ HydraLoRA merged under a fixed gate vs the base model, all in one run.
 
 Decode time = time(generate N new tokens) - time(generate 1 new token) (the prefill), so
 decode tok/s = batch * (N - 1) / decode time. Greedy, no EOS, adapters on q_proj and v_proj.
+On CUDA also the GPU busy time per decode step (torch.profiler's kernel durations over a generate of --gpu-tokens
+new tokens minus those of a 1-token generate, per step): decode's cost on the GPU alone. Decoding is bound by the
+host on the machines measured so far (tokens/s then moves with the host's speed, up to 50% between rows), while
+the GPU's time is what CUDA-graph decoding or a faster host would leave.
 Variants: base, PEFT LoRA r=8, ours token routing (eager), ours token routing (fused dispatch),
 ours merged (hydralora.merge_and_unload(model, "mean")).
 """
@@ -33,9 +37,14 @@ def make_model(name, dev, dt, seed):
     return C.random_llama(cfg, dev, dt, seed).eval()
 
 
+def gen_kwargs(ids, n_new):
+    """Greedy generation of exactly n_new tokens (no EOS stop)."""
+    return dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0,
+                attention_mask=torch.ones_like(ids))
+
+
 def gen_time(model, ids, n_new, dev, repeats):
-    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0,
-              attention_mask=torch.ones_like(ids))
+    kw = gen_kwargs(ids, n_new)
     with torch.inference_mode():
         model.generate(ids, **kw)  # warm-up
         ts = []
@@ -50,6 +59,13 @@ def gen_time(model, ids, n_new, dev, repeats):
     return ts[len(ts) // 2]
 
 
+def gpu_step_ms(model, ids, n_new, dev):
+    """GPU busy ms per decode step: device time of generating n_new tokens minus that of generating 1, per step."""
+    with torch.inference_mode():
+        busy = {n: C.device_busy_ms(lambda: model.generate(ids, **gen_kwargs(ids, n)), dev, calls=1) for n in (1, n_new)}
+    return (busy[n_new] - busy[1]) / (n_new - 1)
+
+
 def main():
     import peft
 
@@ -61,6 +77,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gpu-tokens", type=int, default=33,
+                   help="new tokens of the profiled generate behind the GPU busy time per decode step (CUDA)")
     args = p.parse_args()
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
@@ -78,8 +96,11 @@ def main():
                 with C.autocast(args, dev, dt):
                     t_all = gen_time(net, prompts[b], n_new, dev, args.repeats)
                     t_pre = gen_time(net, prompts[b], 1, dev, args.repeats)
+                    gpu = gpu_step_ms(net, prompts[b], args.gpu_tokens, dev) if cuda else None
                 row = {"model": name, "batch": b, "variant": variant, "prefill_ms": t_pre * 1e3,
                        "decode_tok_s": b * (n_new - 1) / max(t_all - t_pre, 1e-9)}
+                if gpu is not None:
+                    row["gpu_ms_step"] = gpu
                 rows.append(row)
                 print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
@@ -114,12 +135,18 @@ def main():
         lora = next(o for o in same if o["variant"] == "peft r8")
         r["x_base"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["x_peft"] = r["decode_tok_s"] / lora["decode_tok_s"]
+        if "gpu_ms_step" in r:  # as speed ratios, like x_base / x_peft: the other's time over this one's
+            r["gpu_x_base"] = base["gpu_ms_step"] / r["gpu_ms_step"]
+            r["gpu_x_peft"] = lora["gpu_ms_step"] / r["gpu_ms_step"]
     info = C.env_info(dev)
     title = f"Generation: {n_new} new tokens after a {args.prompt}-token prompt, greedy, {dt}, precision {args.precision}, " \
             f"{info.get('gpu', info.get('cpu'))}"
     cols = [("model", "model", 0), ("batch", "batch", 0), ("variant", "variant", 0),
             ("decode_tok_s", "decode tok/s", 1), ("x_peft", "x PEFT LoRA r=8", 2), ("x_base", "x base", 2),
             ("prefill_ms", "prefill ms", 1)]
+    if cuda:
+        cols += [("gpu_ms_step", "GPU busy ms/step", 3), ("gpu_x_peft", "GPU speed x PEFT", 2),
+                 ("gpu_x_base", "GPU speed x base", 2)]
     table = C.print_table(rows, cols, title)
     C.write_json(args.json, {"bench": "generate", "env": info, "config": vars(args), "rows": rows, "table": table})
 

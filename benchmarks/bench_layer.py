@@ -10,6 +10,9 @@ nn.Linear, so the layer runs base and adapter in hydralora.ops.hydra_linear_fuse
 base's dx GEMM), ours fused delta (the same layer with a forward hook on its base, which keeps base_layer(x) and
 then hydralora.ops.hydra_delta_fused: the path of any other base layer) and ours fused+base (hydra_linear_fused
 called directly, without the layer).
+
+On CUDA each variant also gets its GPU busy time per call (torch.profiler's kernel durations, summed): the layer's
+cost on the GPU alone, which the measured ms only shows when the host issues the work faster than the GPU runs it.
 """
 
 from __future__ import annotations
@@ -180,6 +183,11 @@ def main():
                 samples[v].append(t["ms"])
                 if "host_ms" in t:
                     host[v].append(t["host_ms"])
+    if cuda:  # the GPU's own cost per call: what the layer would take on a host fast enough to keep the GPU busy
+        for row in rows:
+            if row["variant"] in steps:
+                with C.fused_dispatch(row["variant"].startswith("ours fused")):
+                    row["gpu_ms"] = C.device_busy_ms(steps[row["variant"]], dev)
     for row in rows:
         s_ = sorted(samples.get(row["variant"], []))
         if s_:
@@ -190,14 +198,20 @@ def main():
 
     base_ms = next(r["ms"] for r in rows if r["variant"] == "base")
     lora_ms = next((r["ms"] for r in rows if r["variant"] == "peft r8" and "ms" in r), None)
+    base_gpu = next((r.get("gpu_ms") for r in rows if r["variant"] == "base"), None)
+    lora_gpu = next((r.get("gpu_ms") for r in rows if r["variant"] == "peft r8"), None)
     for r in rows:
         if "ms" in r:
             r["x_base"] = r["ms"] / base_ms
             r["x_peft_r8"] = r["ms"] / lora_ms if lora_ms else None
+        if r.get("gpu_ms") and base_gpu:
+            r["gpu_x_base"] = r["gpu_ms"] / base_gpu
+            r["gpu_x_peft_r8"] = r["gpu_ms"] / lora_gpu if lora_gpu else None
     cols = [("variant", "variant", 0), ("ms", "ms (median)", 3), ("min_ms", "min", 3), ("max_ms", "max", 3),
             ("x_base", "x frozen base", 2), ("x_peft_r8", "x PEFT LoRA r=8", 2)]
     if cuda:
-        cols += [("host_ms", "host ms to issue", 3), ("extra_mib", "fwd+bwd peak extra MiB", 0)]
+        cols += [("host_ms", "host ms to issue", 3), ("gpu_ms", "GPU busy ms", 3), ("gpu_x_base", "GPU x frozen", 2),
+                 ("gpu_x_peft_r8", "GPU x PEFT r=8", 2), ("extra_mib", "fwd+bwd peak extra MiB", 0)]
     info = C.env_info(dev)
     title = f"Layer {'forward (inference)' if args.inference else 'fwd+bwd'}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
             f"precision {args.precision}, {info.get('gpu', info.get('cpu'))}"

@@ -6,7 +6,9 @@ r=8 vs the authors' formulation, all in one run.
 
 For each of {q_proj+v_proj, all-linear} x {no checkpointing, gradient checkpointing}: base (frozen, backward to
 the embeddings), PEFT LoRA r=8, the authors' formulation, ours eager (HYDRALORA_FUSED=0), ours fused
-(HYDRALORA_FUSED=1: every adapter through hydralora.ops.hydra_delta_fused). One step = forward, loss, backward, AdamW over the adapter parameters.
+(HYDRALORA_FUSED=1: the layers' fused ops; with these plain nn.Linear bases, hydralora.ops.hydra_linear_fused). One
+step = forward, loss, backward, AdamW over the adapter parameters. On CUDA also the GPU busy time per step (kernel
+durations summed by torch.profiler): near the step's time when the GPU is the bound, below it when the host is.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def main():
                         mem = {}
                         with C.peak_memory(dev, mem):
                             t = C.time_ms(step, dev, warmup=args.warmup, repeats=args.steps, inner=1)
+                        # the GPU's own time per step (kernels summed): near step_ms when the GPU is the bound
+                        row["gpu_ms"] = C.device_busy_ms(step, dev, calls=2)
                     row.update(step_ms=t["ms"], tok_s=tokens / t["ms"] * 1e3, peak_gib=mem.get("peak_gib"),
                                trainable_m=sum(p.numel() for p in trainable) / 1e6)
                     del opt, step, trainable
@@ -130,6 +134,8 @@ def main():
             r["vs_peft"] = r["tok_s"] / lora["tok_s"]
             if r.get("peak_gib") and lora.get("peak_gib"):
                 r["mem_vs_peft"] = r["peak_gib"] / lora["peak_gib"]
+        if r.get("gpu_ms") and lora and lora.get("gpu_ms"):
+            r["gpu_vs_peft"] = lora["gpu_ms"] / r["gpu_ms"]  # a speed ratio, like vs_peft
         if "tok_s" in r and auth:
             r["vs_authors"] = r["tok_s"] / auth["tok_s"]
         if "tok_s" in r:
@@ -140,6 +146,8 @@ def main():
     cols = [("targets", "targets", 0), ("checkpointing", "grad ckpt", 0), ("variant", "variant", 0),
             ("step_ms", "step ms", 1), ("ktok_s", "k tok/s", 1), ("vs_peft", "x PEFT LoRA r=8 tok/s", 2),
             ("vs_authors", "x authors tok/s", 2), ("peak_gib", "peak GiB", 2), ("mem_vs_peft", "mem x PEFT", 2)]
+    if dev == "cuda":
+        cols += [("gpu_ms", "GPU busy ms", 1), ("gpu_vs_peft", "GPU speed x PEFT", 2)]
     table = C.print_table(rows, cols, title)
     C.write_json(args.json, {"bench": "train_step", "env": info, "config": vars(args), "rows": rows, "table": table})
 

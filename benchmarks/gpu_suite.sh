@@ -23,10 +23,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$out/gpu.txt" 2>&1
 step tests 180 python3 -m pytest -q tests/test_ops.py
-step layer_pure 120 python3 benchmarks/bench_layer.py --device cuda --precision pure --json "$out/layer_pure.json"
+step layer_pure 150 python3 benchmarks/bench_layer.py --device cuda --precision pure --json "$out/layer_pure.json"
 step layer_amp 120 python3 benchmarks/bench_layer.py --device cuda --precision amp --json "$out/layer_amp.json"
 step launch 60 python3 benchmarks/launch_overhead.py --device cuda --json "$out/launch.json"
 step host_profile 60 python3 benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50
 step host_sections 90 python3 benchmarks/host_sections.py --device cuda --json "$out/host_sections.json"
-step train_pure 200 python3 benchmarks/bench_train_step.py --device cuda --precision pure --json "$out/train_pure.json"
+step train_pure 260 python3 benchmarks/bench_train_step.py --device cuda --precision pure --json "$out/train_pure.json"
 step generate 300 python3 benchmarks/bench_generate.py --device cuda --repeats 2 --json "$out/generate.json"
