@@ -663,7 +663,7 @@ from hydralora.ops import fused as f
 torch.manual_seed(0)
 worst = 0.0
 for T, K, d, R, N, p, dt in [(37, 200, 96, 8, 3, 0.0, torch.float32), (37, 200, 96, 8, 3, 0.3, torch.float32),
-                             (64, 128, 32, 4, 5, 0.1, torch.float16)]:
+                             (64, 128, 32, 4, 5, 0.1, torch.float16), (19, 201, 40, 8, 3, 0.3, torch.float32)]:
     x = torch.randn(T, K, dtype=dt, requires_grad=True)
     A = (torch.randn(R, K) * 0.1).to(dt).requires_grad_()
     G = (torch.randn(N, K) * 0.1).to(dt).requires_grad_()
