@@ -159,6 +159,59 @@ def test_torch_backend_dropout_matches_masked_reference():
     assert rel(out2, out) > 1e-4
 
 
+@pytest.mark.parametrize("fused_backend", [None, "torch"])
+def test_layer_B_flat_matrix_is_a_view_and_its_gradient_keeps_B_layout(fused_backend):
+    """B (N, d, r) is stored (d, N, r): the stacked GEMM's (d, N*r) matrix is a view (no copy per call), and the
+    gradient of B arrives in B's layout (no copy by autograd), through the eager layer and through the fused op."""
+    layer = make_layer(dtype=torch.float64)
+    A, G, B = params(layer)
+    assert B.shape == (3, 40, 4) and fops._flat_B(B).data_ptr() == B.data_ptr()
+    assert torch.equal(fops._flat_B(B), B.permute(1, 0, 2).reshape(40, 12))
+    x = torch.randn(5, 48, dtype=torch.float64)
+    if fused_backend is None:
+        out = layer(x)
+    else:
+        out, _, _ = fops.hydra_delta_fused(x, A, G, B, layer.base_layer(x), layer.scaling["default"],
+                                           backend=fused_backend)
+    out.square().sum().backward()
+    assert B.grad.stride() == B.stride() and B.grad.abs().sum() > 0
+    # moved and cast (as get_peft_model and .to() do), B keeps the layout
+    assert layer.to(torch.float32).hydralora_B["default"].stride() == B.stride()
+
+
+def test_cuda_seed_follows_the_device_generator_state(monkeypatch):
+    """On a CUDA device the seed comes from the device generator's seed and Philox offset, which it advances by 4
+    (as one of torch's random ops): successive calls differ, and restoring the state (torch.manual_seed, or
+    activation checkpointing's recompute) gives the same seeds again. A stand-in generator: no GPU needed."""
+
+    class Gen:
+        def __init__(self, seed):
+            self.seed, self.offset = seed, 0
+
+        def initial_seed(self):
+            return self.seed
+
+        def get_offset(self):
+            return self.offset
+
+        def set_offset(self, off):
+            self.offset = off
+
+    gens = (Gen(1234), Gen(99))
+    monkeypatch.setattr(torch.cuda, "default_generators", gens)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    dev = torch.device("cuda", 0)
+    first = [fops.new_seed(dev) for _ in range(50)]
+    assert gens[0].offset == 200 and gens[1].offset == 0
+    assert len(set(first)) == 50 and all(0 <= w < 2**31 for s in first for w in s)
+    gens[0].offset = 0  # the state restored
+    assert [fops.new_seed(dev) for _ in range(50)] == first
+    gens[0].offset = 0
+    assert fops.new_seed(torch.device("cuda", 1)) != first[0]  # another device's generator, another seed
+    gens[0].seed = 1235  # another manual seed
+    assert fops.new_seed(dev) != first[0]
+
+
 def test_keep_mask_statistics():
     _, thr, _ = fops._dropout_params(0.05, True)
     m1 = fops._keep_mask_torch(512, 256, (1, 2), thr, "cpu")
@@ -741,6 +794,32 @@ def test_triton_kernels_compile_for_hopper(dropout):
         src = ASTSource(fn=kernel.fn, signature=sig, constexprs=const)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and compiled.asm["ptx"]
+
+
+@needs_gpu
+def test_checkpointed_fused_layer_recomputes_the_same_dropout_mask(monkeypatch):
+    """The fused path's seed comes from the CUDA generator's state, which non-reentrant activation checkpointing
+    saves and restores: the recompute regenerates the forward's mask, so output and gradients equal the plain run's
+    with the same seed (and a different seed gives other gradients)."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("HYDRALORA_FUSED", "1")
+    layer = make_layer(k=256, d=128, r=8, p=0.3, dtype=torch.bfloat16, device="cuda").train()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert fops.layer_linear_fused(layer, x) is not None  # the fused path is the one under test
+
+    def run(ckpt, seed=11):
+        for t in (x, *params(layer)):
+            t.grad = None
+        torch.manual_seed(seed)
+        out = checkpoint(layer, x, use_reentrant=False) if ckpt else layer(x)
+        out.float().square().sum().backward()
+        return [out.detach(), x.grad.clone(), *[t.grad.clone() for t in params(layer)]]
+
+    plain, ckpt = run(False), run(True)
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+    assert not torch.equal(run(False, seed=12)[2], plain[2])  # dA depends on the mask
 
 
 @needs_gpu

@@ -65,14 +65,35 @@ def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _fmix32(v: int) -> int:
+    """murmur3's 32-bit finaliser on host ints: neighbouring inputs give unrelated words."""
+    v &= _M32
+    v ^= v >> 16
+    v = (v * 0x85EBCA6B) & _M32
+    v ^= v >> 13
+    v = (v * 0xC2B2AE35) & _M32
+    return v ^ (v >> 16)
+
+
 def new_seed(device):
-    """Two int31 seed words from torch's default generators (respects torch.manual_seed): two ints drawn on the
-    CPU (the kernels take them as scalars), or, while a CUDA graph is being captured on `device`, a (2,) int64
-    tensor drawn on the device, which the kernels read there: a seed drawn on the host would be frozen into the
-    graph (every replay dropping the same elements), a device draw is replayed fresh. (A device draw costs more
-    host time than a CPU one: about 60 against 35 us per call on the H200 machine's host.)"""
-    if capturing(device):
-        return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int64)
+    """Two int31 seed words from torch's default generators (respects torch.manual_seed).
+
+    On a CUDA device: derived from the device generator's seed and Philox offset, which it then advances as one of
+    torch's own random ops would (no tensor op, no kernel: four small host calls instead of a CPU draw, 35-47 us per
+    call on the H200 machine's host). Activation checkpointing saves and restores that state with the CPU's, so a
+    recomputed forward draws the same seed. While a CUDA graph is being captured: a (2,) int64 tensor drawn on the
+    device, which the kernels read there (a host seed would be frozen into the graph, every replay dropping the
+    same elements; a device draw is replayed fresh). Elsewhere (the PyTorch backend on the CPU): two ints drawn
+    from the CPU generator."""
+    if device.type == "cuda":
+        if capturing(device):
+            return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int64)
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        off = gen.get_offset()
+        gen.set_offset(off + 4)  # Philox offsets move in steps of 4
+        seed = gen.initial_seed()
+        s1 = _fmix32(seed ^ (seed >> 32))
+        return s1 >> 1, _fmix32(s1 + (off >> 2) * _GOLD) >> 1
     s1, s2 = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
     return s1, s2
 
@@ -333,8 +354,9 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _flat_B(B: torch.Tensor) -> torch.Tensor:
+    """(d, N*r), expert-major along the rank: a view of the layer's B (stored (d, N, r)), a copy of any other."""
     n, d, r = B.shape
-    return B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*r), expert-major along the rank
+    return B.permute(1, 0, 2).reshape(d, n * r)
 
 
 def _fused_forward(x2, result2, W0, bias, A, G, B, scaling, temperature, dropout_p, training, backend, usage, weights,

@@ -118,7 +118,9 @@ class HydraLoraLayer(BaseTunerLayer):
         a_rows = r if config.shared_a else n * r  # LoRA-MoE ablation: N separate A_i stacked along the rank
         router_in = self.in_features if config.router_input == "x" else a_rows
         self.hydralora_A[adapter_name] = nn.Parameter(torch.empty(a_rows, self.in_features))
-        self.hydralora_B[adapter_name] = nn.Parameter(torch.empty(n, self.out_features, r))
+        # (N, d, r), stored as (d, N, r): the (d, N*r) matrix every expert's GEMM reads is then a view of B, not a
+        # copy per call, and its gradient arrives in B's own layout (no copy by autograd either)
+        self.hydralora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, n, r).permute(1, 0, 2))
         self.hydralora_router[adapter_name] = nn.Parameter(torch.empty(n, router_in))
         self.reset_parameters(adapter_name)
         self.last_aux_loss[adapter_name] = None
