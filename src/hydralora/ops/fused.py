@@ -192,10 +192,11 @@ _FREE_INTS = frozenset({"T", "TB", "seed_ptr", "s1", "s2"})
 _DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose compiled-kernel runner differs)
 
 
-def _spec_key(kernel, args) -> tuple:
+def _spec_key(kernel, args) -> tuple[tuple, tuple, list]:
     """What the compiled code depends on beyond the constexprs: dtype and 16-byte alignment of every tensor,
     divisibility by 16 and equality to 1 of the specialized integers. Argument kinds by position are fixed per
-    kernel (the calls below), so the positions are found once."""
+    kernel (the calls below), so the positions are found once. Returns (key, positions of the tensors, their data
+    pointers)."""
     plan = _PLANS.get(kernel.fn.__name__)
     if plan is None:
         names = kernel.fn.arg_names
@@ -204,8 +205,10 @@ def _spec_key(kernel, args) -> tuple:
             tuple(i for i, a in enumerate(args) if type(a) is int and names[i] not in _FREE_INTS),
         )
     tens, ints = plan
-    return (tuple([(args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tens]),
-            tuple([(args[i] % 16 == 0, args[i] == 1) for i in ints]))
+    ptrs = [args[i].data_ptr() for i in tens]
+    key = (tuple([(args[i].dtype, p % 16 == 0) for i, p in zip(tens, ptrs)]),
+           tuple([(args[i] % 16 == 0, args[i] == 1) for i in ints]))
+    return key, tens, ptrs
 
 
 def _hooks_idle() -> bool:
@@ -226,7 +229,8 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
         kernel.fn[grid(fixed_cfg)](*args, **kw, **fixed_cfg, **warps)
         return
     dev = args[0].device.index
-    key = (kernel.fn.__name__, tune, tuple(kw.items()), dev, _spec_key(kernel, args))
+    spec, tens, ptrs = _spec_key(kernel, args)
+    key = (kernel.fn.__name__, tune, tuple(kw.items()), dev, spec)
     hit = _COMPILED.get(key)
     if hit is not None:
         compiled, meta, tail, direct = hit  # tail: the constexprs' values, in the kernel's argument order
@@ -236,8 +240,13 @@ def _launch(kernel, grid, args, kw, fixed_cfg, tune):
             if direct is not None and _hooks_idle():
                 # What Triton's runner calls, without its per-launch extras when no hook is set (a closure, device
                 # and stream lookups through its driver proxy, launch metadata, two empty hook calls).
+                # Tensors go as their data pointers: for a tensor the launcher calls data_ptr() and asks the driver
+                # about the pointer (cuPointerGetAttribute), per pointer argument and launch; an int it takes as is.
                 run, function, packed = direct
-                run(*g, _raw_stream(dev), function, packed, None, None, None, *args, *tail)
+                flat = list(args)
+                for i, p in zip(tens, ptrs):
+                    flat[i] = p
+                run(*g, _raw_stream(dev), function, packed, None, None, None, *flat, *tail)
             else:
                 compiled[g](*args, *tail)
             return
