@@ -419,9 +419,9 @@ class _HydraFused(torch.autograd.Function):
             dout = torch.zeros(T, d, device=x2.device, dtype=x2.dtype)
         dout = dout.contiguous()
         dz = dout @ _as(Bf, dout.dtype)  # (T, N*R)
-        # One GEMM for every expert's dB, read dout once. (A batched GEMM writing B's own (N, d, R) layout would spare
-        # autograd's copy of this permuted gradient, but reads dout once per expert: the 7B-shaped all-linear train
-        # step ran 10 ms slower with it on the H200, 2026-12-02.)
+        # One GEMM for every expert's dB, read dout once (a batched GEMM per expert read dout N times: the 7B-shaped
+        # all-linear train step ran 10 ms slower with it on the H200, 2026-12-02). Its (d, N*R) result is B's
+        # gradient in the layer's own storage order of B, (d, N, R): autograd takes it without a copy.
         dBf = dout.t() @ _as(z, dout.dtype)  # (d, N*R)
         dB = _as(dBf.view(d, n, r).permute(1, 0, 2), Bf.dtype)  # (N, d, R)
         bwd = _bwd_x_triton if triton_path else _bwd_x_torch
