@@ -342,19 +342,27 @@ def test_triton_matches_layer(shape, dtype, own_base):
 @pytest.mark.parametrize("shape", SHAPES[:3])
 @pytest.mark.parametrize("own_base", [False, True])
 def test_triton_dropout_matches_torch_backend(shape, own_base):
-    """Same seed, same mask: the Triton kernels and the PyTorch backend compute the same function."""
+    """Same seed, same mask: the Triton kernels compute the function the PyTorch backend computes. The reference is
+    the PyTorch backend in fp32 on the same (bf16) values: in bf16 it rounds h and the router logits to bf16 where
+    the kernels keep fp32, and at T = K = 1024 that alone moved W_g's gradient by 2.2% (a bf16-against-bf16
+    comparison failed there on the H200 with one seed and passed with another)."""
+    import copy
+
     T, k, d, r, n = shape
     layer = make_layer(k=k, d=d, r=r, n=n, p=0.1, dtype=torch.bfloat16, device="cuda").train()
+    ref = copy.deepcopy(layer).float()
     x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
     dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    res = {}
-    for backend in ("torch", "triton"):
-        torch.manual_seed(7)
-        res[backend] = run_fused(layer, x, dy, backend=backend, own_base=own_base, p=0.1, training=True)
-    (o1, g1, _, _), (o2, g2, _, _) = res["torch"], res["triton"]
+    x32 = x.detach().float().requires_grad_()
+    torch.manual_seed(7)
+    o1, g1, _, _ = run_fused(ref, x32, dy.float(), backend="torch", own_base=own_base, p=0.1, training=True)
+    torch.manual_seed(7)
+    o2, g2, _, _ = run_fused(layer, x, dy, backend="triton", own_base=own_base, p=0.1, training=True)
     assert rel(o2, o1) < 1e-2
     for name, a, b in zip(["x", "A", "W_g", "B"], g2, g1):
         assert rel(a, b) < 2e-2, name
+    torch.manual_seed(8)  # the mask matters: another seed, other gradients
+    assert rel(run_fused(layer, x, dy, backend="triton", own_base=own_base, p=0.1, training=True)[1][1], g2[1]) > 1e-2
 
 
 @needs_gpu

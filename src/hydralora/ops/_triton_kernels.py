@@ -4,9 +4,10 @@ Two kernels, each one pass over x (T, K):
 
 _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two small tensor-core dots per K tile; the
     epilogue takes the softmax and writes z[t, n*R + j] = scaling * gate[t, n] * h[t, j] (the input of the stacked
-    B GEMM), h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of (seed, element
-    index): never stored, regenerated in backward. The seed: two scalars, or read from a device tensor S (2,)
-    int64 (calls captured in a CUDA graph). With COUNT it also adds the gate's column sums (each token
+    B GEMM), h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of (seed, index of a
+    pair of neighbouring columns), 16 bits per element: never stored, regenerated in backward. The seed: two
+    scalars, or read from a device tensor S (2,) int64 (calls captured in a CUDA graph). With COUNT it also adds the
+    gate's column sums (each token
     weighted by W[t] with HAS_W, then also the sum of W) into the layer's usage statistics U (N + 1,) fp32 by
     atomics: the statistics cost no extra kernels (they were two to three small launches per call).
 _bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward included), then per K tile writes
@@ -27,9 +28,13 @@ _C2 = tl.constexpr(-2073254261)  # 0x846CA68B
 
 
 @triton.jit
-def _keep(rows, cols, K, s1, s2, thr):
-    """Dropout keep mask [BT, BK]: lowbias32 hash of the flat element index, keyed by the seed (s1, s2)."""
-    idx = rows[:, None] * K + cols[None, :]
+def _keep(rows, k0, K, s1, s2, thr, BK: tl.constexpr):
+    """Dropout keep mask [BT, BK] of columns k0 .. k0 + BK (k0 even): one lowbias32 hash per pair of neighbouring
+    columns, keyed by the seed (s1, s2), whose low 16 bits decide the even column and high 16 bits the odd one.
+    Half the hashes of one per element: the integer work of the hash bounded both kernels' time (about 15 integer
+    ops per element of x against the tensor cores' few)."""
+    pc = k0 // 2 + tl.arange(0, BK // 2)
+    idx = rows[:, None] * ((K + 1) // 2) + pc[None, :]  # [BT, BK // 2] pair index, row-major over (T, ceil(K / 2))
     v = idx.to(tl.uint32, bitcast=True) ^ s1.to(tl.uint32, bitcast=True)
     v = v * tl.full((), _GOLD, tl.int32).to(tl.uint32, bitcast=True) + s2.to(tl.uint32, bitcast=True)
     v = v ^ (v >> 16)
@@ -37,7 +42,9 @@ def _keep(rows, cols, K, s1, s2, thr):
     v = v ^ (v >> 15)
     v = v * tl.full((), _C2, tl.int32).to(tl.uint32, bitcast=True)
     v = v ^ (v >> 16)
-    return (v >> 1).to(tl.int32, bitcast=True) >= thr
+    lo = (v & 0xFFFF).to(tl.int32, bitcast=True)
+    hi = (v >> 16).to(tl.int32, bitcast=True)
+    return tl.interleave(lo, hi) >= thr  # [BT, BK]: column 2j from lo[:, j], 2j + 1 from hi[:, j]
 
 
 def _fwd_configs():
@@ -79,7 +86,7 @@ def _proj_fwd(
         g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
         acc_g = tl.dot(x, g, acc_g)
         if DROPOUT:
-            keep = _keep(rows, cols, K, s1, s2, thr)
+            keep = _keep(rows, k0, K, s1, s2, thr, BK)
             x = tl.where(keep, x, tl.zeros_like(x))
         acc_h = tl.dot(x, a, acc_h)
     h = acc_h * inv_keep
@@ -163,7 +170,7 @@ def _bwd_x(
         a = tl.load(A + jr[:, None] * K + cols[None, :], mask=(jr[:, None] < R) & cmask[None, :], other=0.0)  # [RP, BK]
         g = tl.load(G + jn[:, None] * K + cols[None, :], mask=(jn[:, None] < N) & cmask[None, :], other=0.0)  # [NP, BK]
         if DROPOUT:
-            keep = _keep(rows, cols, K, s1, s2, thr)
+            keep = _keep(rows, k0, K, s1, s2, thr, BK)
             xd = tl.where(keep, x, tl.zeros_like(x))
         else:
             xd = x
