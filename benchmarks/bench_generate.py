@@ -10,8 +10,9 @@ On CUDA also the GPU busy time per decode step (torch.profiler's kernel duration
 new tokens minus those of a 1-token generate, per step): decode's cost on the GPU alone. Decoding is bound by the
 host on the machines measured so far (tokens/s then moves with the host's speed, up to 50% between rows), while
 the GPU's time is what CUDA-graph decoding or a faster host would leave.
-Variants: base, PEFT LoRA r=8, ours token routing (eager), ours token routing (fused dispatch),
-ours merged (hydralora.merge_and_unload(model, "mean")).
+Variants (--variants keys): base, peft (PEFT LoRA r=8), eager (ours, token routing, HYDRALORA_FUSED=0), fused
+(ours, token routing, fused dispatch; CUDA only), merged (ours, hydralora.merge_and_unload(model, "mean")).
+    python benchmarks/bench_generate.py --device cuda --variants peft,fused --models smollm2-135m   # a short call
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ SHAPES = {
     "llama7b-8l": dict(hidden_size=4096, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=32,
                        intermediate_size=11008, vocab_size=32000),
 }
+
+
+# --variants keys and the rows they name
+VARIANTS = {"base": "base", "peft": "peft r8", "eager": "ours token (eager)", "fused": "ours token (fused)",
+            "merged": "ours merged (gate mean)"}
 
 
 def make_model(name, dev, dt, seed):
@@ -77,9 +83,16 @@ def main():
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma list of " + ",".join(VARIANTS) + " (fewer rows fit a time-limited GPU call; the ratios "
+                        "need base and peft)")
     p.add_argument("--gpu-tokens", type=int, default=33,
                    help="new tokens of the profiled generate behind the GPU busy time per decode step (CUDA)")
     args = p.parse_args()
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in wanted if v not in VARIANTS]
+    if bad or not wanted:
+        p.error(f"--variants: {args.variants!r} names {bad or 'nothing'}; allowed: {', '.join(VARIANTS)}")
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
     models = (args.models or ("smollm2-135m,llama7b-8l" if cuda else "smollm2-135m")).split(",")
@@ -91,7 +104,10 @@ def main():
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         prompts = {b: torch.randint(3, model.config.vocab_size, (b, args.prompt), generator=gen).to(dev) for b in batches}
 
-        def measure(variant, net):
+        def measure(key, net):
+            if key not in wanted:
+                return
+            variant = VARIANTS[key]
             for b in batches:
                 with C.autocast(args, dev, dt):
                     t_all = gen_time(net, prompts[b], n_new, dev, args.repeats)
@@ -109,7 +125,7 @@ def main():
                                task_type="CAUSAL_LM")
         pm = C.get_peft_model(model, lcfg, args)
         C.randomize_([q for n, q in pm.named_parameters() if "lora_B" in n])
-        measure("peft r8", pm)
+        measure("peft", pm)
         model = pm.unload()
         hcfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3,
                                          target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -117,27 +133,27 @@ def main():
         C.randomize_([q for _, layer in hydralora.hydra_layers(hm) for q in layer.hydralora_B.values()])
         hm.eval()
         with C.fused_dispatch(False):
-            measure("ours token (eager)", hm)
+            measure("eager", hm)
         if cuda:
             try:
                 with C.fused_dispatch(True):
-                    measure("ours token (fused)", hm)
+                    measure("fused", hm)
             except Exception as err:  # a failing kernel is reported, not fatal
                 print(f"ours token (fused) failed: {type(err).__name__}: {err}", flush=True)
         merged = hydralora.merge_and_unload(hm, "mean")
-        measure("ours merged (gate mean)", merged)
+        measure("merged", merged)
         del model, hm, merged, pm
         C.free_memory()
 
     for r in rows:
         same = [o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"]]
-        base = next(o for o in same if o["variant"] == "base")
-        lora = next(o for o in same if o["variant"] == "peft r8")
-        r["x_base"] = r["decode_tok_s"] / base["decode_tok_s"]
-        r["x_peft"] = r["decode_tok_s"] / lora["decode_tok_s"]
-        if "gpu_ms_step" in r:  # as speed ratios, like x_base / x_peft: the other's time over this one's
-            r["gpu_x_base"] = base["gpu_ms_step"] / r["gpu_ms_step"]
-            r["gpu_x_peft"] = lora["gpu_ms_step"] / r["gpu_ms_step"]
+        for ref, col in [(VARIANTS["base"], "base"), (VARIANTS["peft"], "peft")]:
+            o = next((o for o in same if o["variant"] == ref), None)
+            if o is None:  # not among --variants
+                continue
+            r[f"x_{col}"] = r["decode_tok_s"] / o["decode_tok_s"]
+            if "gpu_ms_step" in r:  # a speed ratio, like x_base / x_peft: the other's time over this one's
+                r[f"gpu_x_{col}"] = o["gpu_ms_step"] / r["gpu_ms_step"]
     info = C.env_info(dev)
     title = f"Generation: {n_new} new tokens after a {args.prompt}-token prompt, greedy, {dt}, precision {args.precision}, " \
             f"{info.get('gpu', info.get('cpu'))}"
