@@ -76,3 +76,8 @@ def test_gpu_suite_parses_and_calls_scripts_that_exist():
 def test_bad_precision_is_refused():
     proc = _run("bench_layer.py", "--precision", "fp8")
     assert proc.returncode == 2 and "--precision" in proc.stderr and "'pure', 'amp'" in proc.stderr
+
+
+def test_generate_variants_are_checked_before_any_model_is_built():
+    proc = _run("bench_generate.py", "--variants", "base,lora")
+    assert proc.returncode == 2 and "--variants: 'base,lora' names ['lora']; allowed: base, peft, eager" in proc.stderr
