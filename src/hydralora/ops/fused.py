@@ -389,7 +389,7 @@ def _fused_forward(x2, result2, W0, bias, A, G, B, scaling, temperature, dropout
     else:
         out = result2 + (z @ Bf.t()).to(result2.dtype)  # (T, d)
     dev_seed = seed if isinstance(seed, torch.Tensor) else None  # a device seed is saved as a tensor
-    saved = (x2, W0, A, G, Bf, z, h, gate, dev_seed)  # Bf, not B: backward needs no second permute copy
+    saved = (x2, W0, A, G, Bf, z, h, gate, dev_seed)  # Bf, not B: the (d, N*R) matrix backward's GEMMs read
     meta = (None if dev_seed is not None else seed, thr, inv_keep, float(scaling), 1.0 / float(temperature), dropout,
             triton_path, result2 is None)
     return out, raw, gate, saved, meta

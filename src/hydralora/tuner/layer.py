@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from transformers.pytorch_utils import Conv1D
 
 from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
-from ..ops.fused import add_usage, capturing as _capturing
+from ..ops.fused import _flat_B, add_usage, capturing as _capturing
 from ..ops.project import dropout_project, use_dropout_project
 from .config import HydraLoraConfig
 
@@ -240,8 +240,7 @@ class HydraLoraLayer(BaseTunerLayer):
         A, B = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name]
         w = self._finish_gate(adapter_name, gate.to(device=B.device, dtype=torch.float32)).to(B.dtype)  # (N,)
         if not self.hconfig[adapter_name].shared_a:
-            n, d, r = B.shape
-            return A, (w[:, None, None] * B).permute(1, 0, 2).reshape(d, n * r)  # (N*r, k), (d, N*r)
+            return A, _flat_B(w[:, None, None] * B)  # (N*r, k), (d, N*r)
         B_eff = torch.einsum("n,ndr->dr", w, B)  # (d, r)
         offset = self._init_offset(adapter_name)
         if offset is None:
@@ -389,12 +388,12 @@ class HydraLoraLayer(BaseTunerLayer):
         hn = h.unsqueeze(-2) if h.dim() == gs.dim() else h  # (..., 1|N, m)
         z = gs.unsqueeze(-1) * (hn if hn.shape[-1] == r else hn.narrow(-1, 0, r))  # (..., N, r)
         z = z.flatten(-2)  # (..., N*r)
-        # (d, N*r), expert-major along the rank; rebuilt only when B changes while no graph is recorded
-        B_flat = self._eval_cached(adapter_name + ".B", (B,), lambda: B.permute(1, 0, 2).reshape(d, n * r))
+        # (d, N*r), expert-major along the rank (a view of B's storage); the same cache entry as the fused path's
+        B_flat = self._eval_cached(adapter_name + ".B", (B,), lambda: _flat_B(B))
         if offset is not None:
             z0 = gs.unsqueeze(-1) * hn.narrow(-1, r, r)  # (..., N, r)
             z = torch.cat([z, -z0.flatten(-2)], -1)  # (..., 2*N*r)
-            B0_flat = offset[1].to(B.dtype).permute(1, 0, 2).reshape(d, n * r)  # (d, N*r)
+            B0_flat = _flat_B(offset[1].to(B.dtype))  # (d, N*r)
             B_flat = torch.cat([B_flat, B0_flat], 1)  # (d, 2*N*r)
         scaling = self.scaling[adapter_name]
         if result.dtype == z.dtype and result.is_contiguous():
