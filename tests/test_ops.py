@@ -794,11 +794,11 @@ def test_triton_kernels_compile_for_hopper(dropout):
     fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
            "U": "*fp32", "W": "*i64", "S": "*i64"}
     fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "COUNT": dropout, "HAS_W": dropout, "BT": 64,
-             "BK": 256}
+             "BK": 64}
     bwd = {"X": "*bf16", "DZ": "*bf16", "H": "*fp32", "P": "*fp32", "GL": "*fp32", "A": "*bf16", "G": "*bf16",
            "DX": "*bf16", "PART": "*fp32", "S": "*i64"}
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
-             "BK": 128, "KSPLIT": 2}
+             "BK": 64, "KSPLIT": 2}
     for kernel, ptrs, const in [(tk._proj_fwd, fwd, fwd_c), (tk._bwd_x, bwd, bwd_c)]:
         sig = {**ptrs, **scalars, **{k: "constexpr" for k in const}}
         src = ASTSource(fn=kernel.fn, signature=sig, constexprs=const)

@@ -4,8 +4,8 @@ Two kernels, each one pass over x (T, K):
 
 _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two small tensor-core dots per K tile; the
     epilogue takes the softmax and writes z[t, n*R + j] = scaling * gate[t, n] * h[t, j] (the input of the stacked
-    B GEMM), h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of (seed, pair index), 16 bits per
-    element, pairing column j of each 128-column group with column j + 64: never stored, regenerated in backward. The seed: two
+    B GEMM), h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of (seed, index of a
+    pair of neighbouring columns), 16 bits per element: never stored, regenerated in backward. The seed: two
     scalars, or read from a device tensor S (2,) int64 (calls captured in a CUDA graph). With COUNT it also adds the
     gate's column sums (each token weighted by W[t] with HAS_W, then also the sum of W) into the layer's usage
     statistics U (N + 1,) fp32 by atomics: the statistics cost no extra kernels (they were two to three small
@@ -27,21 +27,14 @@ _C1 = tl.constexpr(2146121005)  # 0x7FEB352D
 _C2 = tl.constexpr(-2073254261)  # 0x846CA68B
 
 
-# The dropout mask's column pairing: one hash serves column j and column j + HALF of each 2 * HALF-column group.
-# A kernel loads the group as two [rows, HALF] tiles and masks each with one half of the hash's bits. Pairing
-# neighbouring columns instead needed tl.interleave to put the halves side by side, a shared-memory round trip per
-# tile that cost the forward kernel what the halved hash saved (docs/performance.md, session 8).
-HALF = tl.constexpr(64)
-
-
 @triton.jit
-def _keep(rows, k0, K, s1, s2, thr):
-    """Dropout keep masks ([BT, HALF], [BT, HALF]) of columns k0 .. k0 + HALF and k0 + HALF .. k0 + 2 HALF (k0 a
-    multiple of 2 HALF): one lowbias32 hash per column pair, keyed by the seed (s1, s2); its low 16 bits decide the
-    first column, its high 16 bits the second. Half the hashes of one per element: the integer work of the hash
-    bounded both kernels' time (about 15 integer ops per element of x against the tensor cores' few)."""
-    pc = k0 // 2 + tl.arange(0, HALF)
-    idx = rows[:, None] * (tl.cdiv(K, 2 * HALF) * HALF) + pc[None, :]  # [BT, HALF] pair index, row-major
+def _keep(rows, k0, K, s1, s2, thr, BK: tl.constexpr):
+    """Dropout keep mask [BT, BK] of columns k0 .. k0 + BK (k0 even): one lowbias32 hash per pair of neighbouring
+    columns, keyed by the seed (s1, s2), whose low 16 bits decide the even column and high 16 bits the odd one.
+    Half the hashes of one per element: the integer work of the hash bounded both kernels' time (about 15 integer
+    ops per element of x against the tensor cores' few)."""
+    pc = k0 // 2 + tl.arange(0, BK // 2)
+    idx = rows[:, None] * ((K + 1) // 2) + pc[None, :]  # [BT, BK // 2] pair index, row-major over (T, ceil(K / 2))
     v = idx.to(tl.uint32, bitcast=True) ^ s1.to(tl.uint32, bitcast=True)
     v = v * tl.full((), _GOLD, tl.int32).to(tl.uint32, bitcast=True) + s2.to(tl.uint32, bitcast=True)
     v = v ^ (v >> 16)
@@ -51,26 +44,13 @@ def _keep(rows, k0, K, s1, s2, thr):
     v = v ^ (v >> 16)
     lo = (v & 0xFFFF).to(tl.int32, bitcast=True)
     hi = (v >> 16).to(tl.int32, bitcast=True)
-    return lo >= thr, hi >= thr
-
-
-@triton.jit
-def _rows_tile(X, rows, rmask, cols, cmask, K):
-    """x[rows, cols] as a [BT, BK] tile (0 outside T x K)."""
-    return tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-
-
-@triton.jit
-def _weight_tile_t(W, j, J, cols, cmask, K):
-    """W[j, cols] of a (J, K) weight as a [BK, JP] tile (rows j >= J read as 0): the right operand of x @ W^T."""
-    return tl.load(W + j[None, :] * K + cols[:, None], mask=(j[None, :] < J) & cmask[:, None], other=0.0)
+    return tl.interleave(lo, hi) >= thr  # [BT, BK]: column 2j from lo[:, j], 2j + 1 from hi[:, j]
 
 
 def _fwd_configs():
     out = []
-    # BK: columns per loop step, a multiple of 2 * HALF (the mask's column groups). H200, 8192 x 4096 with the
-    # neighbour-pair mask (benchmarks/breakdown_layer.py --sweep): BT=64 with BK=256/8 warps or BK=128 fastest
-    for bt, bk, w, s in [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 256, 8, 3), (128, 128, 8, 3)]:
+    # H200, 8192 x 4096 (benchmarks/breakdown_layer.py --sweep): BT=64 with BK=256/8 warps or BK=128 fastest
+    for bt, bk, w, s in [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 256, 8, 3), (128, 64, 8, 3)]:
         out.append(triton.Config({"BT": bt, "BK": bk}, num_warps=w, num_stages=s))
     return out
 
@@ -87,7 +67,6 @@ def _proj_fwd(
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
     DROPOUT: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
-    tl.static_assert(BK % (2 * HALF) == 0, "BK: a multiple of 2 * HALF columns (the dropout mask's column groups)")
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < T
@@ -100,19 +79,16 @@ def _proj_fwd(
             s1 = tl.load(S).to(tl.int32)
             s2 = tl.load(S + 1).to(tl.int32)
     for k0 in range(0, K, BK):
-        for s in tl.static_range(BK // (2 * HALF)):  # one mask group: two [BT, HALF] tiles, one hash
-            c0 = k0 + s * 2 * HALF + tl.arange(0, HALF)
-            c1 = c0 + HALF
-            x0 = _rows_tile(X, rows, rmask, c0, c0 < K, K)  # [BT, HALF]
-            x1 = _rows_tile(X, rows, rmask, c1, c1 < K, K)  # [BT, HALF]
-            acc_g = tl.dot(x0, _weight_tile_t(G, jn, N, c0, c0 < K, K), acc_g)  # [BT, NP]
-            acc_g = tl.dot(x1, _weight_tile_t(G, jn, N, c1, c1 < K, K), acc_g)
-            if DROPOUT:
-                keep0, keep1 = _keep(rows, k0 + s * 2 * HALF, K, s1, s2, thr)
-                x0 = tl.where(keep0, x0, tl.zeros_like(x0))
-                x1 = tl.where(keep1, x1, tl.zeros_like(x1))
-            acc_h = tl.dot(x0, _weight_tile_t(A, jr, R, c0, c0 < K, K), acc_h)  # [BT, RP]
-            acc_h = tl.dot(x1, _weight_tile_t(A, jr, R, c1, c1 < K, K), acc_h)
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)  # [BK, RP]
+        g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
+        acc_g = tl.dot(x, g, acc_g)
+        if DROPOUT:
+            keep = _keep(rows, k0, K, s1, s2, thr, BK)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        acc_h = tl.dot(x, a, acc_h)
     h = acc_h * inv_keep
     raw = acc_g
     logits = tl.where(jn[None, :] < N, raw * inv_temp, float("-inf"))
@@ -140,36 +116,10 @@ def _proj_fwd(
 
 def _bwd_configs():
     out = []
-    # BK a multiple of 2 * HALF. H200, 8192 x 4096 with the neighbour-pair mask: BK=64, 4 warps, KSPLIT 4-8 fastest
-    for bk, w, s, ks in [(128, 4, 3, 2), (128, 4, 3, 4), (128, 4, 3, 8), (128, 8, 3, 4), (256, 8, 3, 4), (128, 4, 2, 8)]:
+    # H200, 8192 x 4096: BK=64, 4 warps, KSPLIT 4-8 fastest; BK=128 with KSPLIT=1 4x slower
+    for bk, w, s, ks in [(64, 4, 3, 2), (64, 4, 3, 4), (64, 4, 3, 8), (128, 4, 3, 2), (128, 8, 3, 4), (64, 8, 3, 4)]:
         out.append(triton.Config({"BK": bk, "KSPLIT": ks}, num_warps=w, num_stages=s))
     return out
-
-
-@triton.jit
-def _bwd_cols(X, A, G, DX, part, rows, rmask, cols, cmask, keep, dh_b, dl_b, dh_t, dl_t, K,
-              R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
-              DROPOUT: tl.constexpr, NEED_DX: tl.constexpr):
-    """One [BT, HALF] column tile of _bwd_x: dx and this row block's dA, dW_g partial sums for those columns."""
-    jr = tl.arange(0, RP)
-    jn = tl.arange(0, NP)
-    x = _rows_tile(X, rows, rmask, cols, cmask, K)  # [BT, HALF]
-    a = tl.load(A + jr[:, None] * K + cols[None, :], mask=(jr[:, None] < R) & cmask[None, :], other=0.0)  # [RP, HALF]
-    g = tl.load(G + jn[:, None] * K + cols[None, :], mask=(jn[:, None] < N) & cmask[None, :], other=0.0)  # [NP, HALF]
-    if DROPOUT:
-        xd = tl.where(keep, x, tl.zeros_like(x))
-    else:
-        xd = x
-    if NEED_DX:
-        dxa = tl.dot(dh_b, a)  # [BT, HALF]
-        if DROPOUT:
-            dxa = tl.where(keep, dxa, 0.0)
-        dx = tl.dot(dl_b, g, dxa)  # [BT, HALF]
-        tl.store(DX + rows[:, None] * K + cols[None, :], dx.to(DX.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-    pa = tl.dot(dh_t, xd)  # [RP, HALF]
-    pg = tl.dot(dl_t, x)  # [NP, HALF]
-    tl.store(part + jr[:, None] * K + cols[None, :], pa, mask=(jr[:, None] < R) & cmask[None, :])
-    tl.store(part + (R + jn[:, None]) * K + cols[None, :], pg, mask=(jn[:, None] < N) & cmask[None, :])
 
 
 @triton.autotune(configs=_bwd_configs(), key=["K", "TB", "DROPOUT", "NEED_DX"])
@@ -179,7 +129,6 @@ def _bwd_x(
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_GL: tl.constexpr, NEED_DX: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
 ):
-    tl.static_assert(BK % (2 * HALF) == 0, "BK: a multiple of 2 * HALF columns (the dropout mask's column groups)")
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -213,16 +162,26 @@ def _bwd_x(
         if seed_ptr != 0:
             s1 = tl.load(S).to(tl.int32)
             s2 = tl.load(S + 1).to(tl.int32)
-    part = PART + pid_t * (R + N) * K  # this row block's (R + N, K) slab: dA rows, then dW_g rows
     for k0 in range(k_lo, k_hi, BK):
-        for s in tl.static_range(BK // (2 * HALF)):  # one mask group: two [BT, HALF] tiles, one hash
-            c0 = k0 + s * 2 * HALF + tl.arange(0, HALF)
-            c1 = c0 + HALF
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < k_hi
+        xm = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=xm, other=0.0)
+        a = tl.load(A + jr[:, None] * K + cols[None, :], mask=(jr[:, None] < R) & cmask[None, :], other=0.0)  # [RP, BK]
+        g = tl.load(G + jn[:, None] * K + cols[None, :], mask=(jn[:, None] < N) & cmask[None, :], other=0.0)  # [NP, BK]
+        if DROPOUT:
+            keep = _keep(rows, k0, K, s1, s2, thr, BK)
+            xd = tl.where(keep, x, tl.zeros_like(x))
+        else:
+            xd = x
+        if NEED_DX:
+            dxa = tl.dot(dh_b, a)  # [BT, BK]
             if DROPOUT:
-                keep0, keep1 = _keep(rows, k0 + s * 2 * HALF, K, s1, s2, thr)
-            else:
-                keep0, keep1 = rmask, rmask  # unused
-            _bwd_cols(X, A, G, DX, part, rows, rmask, c0, c0 < k_hi, keep0, dh_b, dl_b, dh_t, dl_t, K, R, N, RP, NP,
-                      DROPOUT, NEED_DX)
-            _bwd_cols(X, A, G, DX, part, rows, rmask, c1, c1 < k_hi, keep1, dh_b, dl_b, dh_t, dl_t, K, R, N, RP, NP,
-                      DROPOUT, NEED_DX)
+                dxa = tl.where(keep, dxa, 0.0)
+            dx = tl.dot(dl_b, g, dxa)
+            tl.store(DX + rows[:, None] * K + cols[None, :], dx.to(DX.dtype.element_ty), mask=xm)
+        pa = tl.dot(dh_t, xd)  # [RP, BK]
+        pg = tl.dot(dl_t, x)  # [NP, BK]
+        part = PART + pid_t * (R + N) * K  # this row block's (R + N, K) slab: dA rows, then dW_g rows
+        tl.store(part + jr[:, None] * K + cols[None, :], pa, mask=(jr[:, None] < R) & cmask[None, :])
+        tl.store(part + (R + jn[:, None]) * K + cols[None, :], pg, mask=(jn[:, None] < N) & cmask[None, :])

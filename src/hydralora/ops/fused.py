@@ -3,7 +3,7 @@
     out = result + (alpha/r) * sum_i w_i(x) B_i A dropout(x),    w(x) = softmax(W_g x / temperature)
 
 What it saves for backward: x itself (no copy; the same tensor the caller holds), h = A dropout(x) (T, r) fp32,
-the gate (T, N) fp32, z (T, N*r) and one dropout seed. The dropout mask is a hash of (seed, column pair index): it is
+the gate (T, N) fp32, z (T, N*r) and one dropout seed. The dropout mask is a hash of (seed, element pair index): it is
 never materialised in forward and regenerated inside the backward kernel (PEFT LoRA stores both the mask and the
 dropped copy of x, one of each per adapted layer).
 
@@ -47,7 +47,6 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _M32 = 0xFFFFFFFF
 _GOLD, _C1, _C2 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
-_HALF = 64  # the dropout mask's column pairing (_triton_kernels.HALF)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,21 +99,19 @@ def new_seed(device):
 
 
 def _keep_mask_torch(T: int, K: int, seed, thr: int, device) -> torch.Tensor:
-    """(T, K) bool keep mask: the function the Triton kernels compute, in int64 arithmetic. One hash per column pair:
-    in each group of 2 * _HALF columns, column j and column j + _HALF share pair index t * P + group * _HALF + j
-    (P = _HALF * groups per row); the hash's low 16 bits decide the first, its high 16 bits the second.
-    seed: two ints or a (2,) int64 tensor on `device` (new_seed)."""
+    """(T, K) bool keep mask: the function the Triton kernels compute, in int64 arithmetic. One hash per pair of
+    neighbouring columns (pair index t * ceil(K/2) + k // 2): its low 16 bits decide column 2j, its high 16 bits
+    column 2j + 1. seed: two ints or a (2,) int64 tensor on `device` (new_seed)."""
     s1, s2 = seed[0], seed[1]
-    groups = _cdiv(K, 2 * _HALF)
-    v = torch.arange(T * groups * _HALF, device=device, dtype=torch.int64)
+    kh = (K + 1) // 2
+    v = torch.arange(T * kh, device=device, dtype=torch.int64)
     v = (((v ^ s1) * _GOLD) + s2) & _M32
     v = v ^ (v >> 16)
     v = (v * _C1) & _M32
     v = v ^ (v >> 15)
     v = (v * _C2) & _M32
     v = v ^ (v >> 16)
-    v = v.view(T, groups, 1, _HALF)
-    bits = torch.cat((v & 0xFFFF, v >> 16), 2).view(T, groups * 2 * _HALF)[:, :K]  # (T, K)
+    bits = torch.stack((v & 0xFFFF, v >> 16), -1).view(T, 2 * kh)[:, :K]  # (T, K): lo for even, hi for odd columns
     return bits >= thr
 
 
@@ -342,7 +339,7 @@ def _bwd_x_triton(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_t
     args = (x2, dz, h, gate, gl_arg, A, G, dx, part, *_seed_args(seed, dev), T, K, _tb(T), thr, inv_keep, scaling,
             inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
-    _launch(_tk._bwd_x, grid, args, kw, {"BK": 128, "KSPLIT": 2}, (K, _tb(T)))
+    _launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2}, (K, _tb(T)))
     dAG = part.sum(0).to(A.dtype)  # (R + N, K): one reduction and one cast for both weights (A, G share a dtype here)
     return (dx if need_dx else None), dAG[:R], dAG[R:]
 
