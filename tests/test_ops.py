@@ -212,6 +212,29 @@ def test_cuda_seed_follows_the_device_generator_state(monkeypatch):
     assert fops.new_seed(dev) != first[0]
 
 
+def test_keep_mask_pairs_neighbouring_columns():
+    """The mask's layout, element by element from its definition (pure Python ints): column k of row t belongs to
+    the pair t * ceil(K / 2) + k // 2 and takes the low 16 bits of the pair's lowbias32 hash for even k, the high
+    16 bits for odd k. The kernels compute this function (the interpreter test compares them with the PyTorch
+    backend, which uses this one)."""
+    M = 0xFFFFFFFF
+
+    def bits16(t, k, K, s1, s2):
+        v = t * ((K + 1) // 2) + k // 2
+        v = (((v ^ s1) * 0x9E3779B1) + s2) & M
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & M
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & M
+        v ^= v >> 16
+        return v & 0xFFFF if k % 2 == 0 else v >> 16
+
+    T, K, seed, thr = 3, 201, (12345, 678), 20000  # odd K: the last pair has one column
+    keep = fops._keep_mask_torch(T, K, seed, thr, "cpu")
+    ref = torch.tensor([[bits16(t, k, K, *seed) >= thr for k in range(K)] for t in range(T)])
+    assert keep.shape == (T, K) and torch.equal(keep, ref)
+
+
 def test_keep_mask_statistics():
     _, thr, _ = fops._dropout_params(0.05, True)
     m1 = fops._keep_mask_torch(512, 256, (1, 2), thr, "cpu")
