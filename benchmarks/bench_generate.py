@@ -6,6 +6,10 @@ HydraLoRA merged under a fixed gate vs the base model, all in one run.
 
 Decode time = time(generate N new tokens) - time(generate 1 new token) (the prefill), so
 decode tok/s = batch * (N - 1) / decode time. Greedy, no EOS, adapters on q_proj and v_proj.
+Each variant is its own copy of the model, and the variants take turns: every repeat times each of them once,
+in alternating order, and a variant's figure is its median over the repeats. Decoding is bound by the host, whose
+speed drifts by tens of percent over a minute on the GPU machines measured (the same F.linear call took 27 and
+45 us in one process): timed one after the other, variants compared the host's moments, not themselves.
 On CUDA also the GPU busy time per decode step (torch.profiler's kernel durations over a generate of --gpu-tokens
 new tokens minus those of a 1-token generate, per step): decode's cost on the GPU alone. Decoding is bound by the
 host on the machines measured so far (tokens/s then moves with the host's speed, up to 50% between rows), while
@@ -17,6 +21,9 @@ Variants (--variants keys): base, peft (PEFT LoRA r=8), eager (ours, token routi
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import statistics
 import time
 
 import torch
@@ -49,20 +56,34 @@ def gen_kwargs(ids, n_new):
                 attention_mask=torch.ones_like(ids))
 
 
-def gen_time(model, ids, n_new, dev, repeats):
+def gen_seconds(model, ids, n_new, dev):
+    """Wall seconds of one greedy generate of n_new tokens."""
     kw = gen_kwargs(ids, n_new)
     with torch.inference_mode():
-        model.generate(ids, **kw)  # warm-up
-        ts = []
-        for _ in range(repeats):
-            C.sync(dev)
-            t0 = time.perf_counter()
-            out = model.generate(ids, **kw)
-            C.sync(dev)
-            ts.append(time.perf_counter() - t0)
+        C.sync(dev)
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+        C.sync(dev)
     assert out.shape[1] == ids.shape[1] + n_new, out.shape
-    ts.sort()
-    return ts[len(ts) // 2]
+    return time.perf_counter() - t0
+
+
+def take_turns(nets, ids, n_new, dev, repeats):
+    """{variant: (median decode seconds, median prefill seconds)}: each repeat times every variant once (its
+    prefill, a 1-token generate, right after its n_new-token generate), the order reversed every other repeat."""
+    order = list(nets)
+    for key in order:  # warm-up: compilation, autotuning, allocator
+        with nets[key][1]():
+            gen_seconds(nets[key][0], ids, n_new, dev)
+            gen_seconds(nets[key][0], ids, 1, dev)
+    runs = {key: [] for key in order}
+    for rep in range(repeats):
+        for key in (order if rep % 2 == 0 else order[::-1]):
+            with nets[key][1]():
+                t_all = gen_seconds(nets[key][0], ids, n_new, dev)
+                t_pre = gen_seconds(nets[key][0], ids, 1, dev)
+            runs[key].append((t_all - t_pre, t_pre))
+    return {key: tuple(statistics.median(r[i] for r in v) for i in range(2)) for key, v in runs.items()}
 
 
 def gpu_step_ms(model, ids, n_new, dev):
@@ -72,11 +93,40 @@ def gpu_step_ms(model, ids, n_new, dev):
     return (busy[n_new] - busy[1]) / (n_new - 1)
 
 
-def main():
+def build_variants(name, wanted, dev, dt, args):
+    """{variant key: (model, context to run it in)}, one model copy per variant, in VARIANTS' order. The adapters'
+    B matrices are random (zero B would time a degenerate case)."""
     import peft
 
     import hydralora
 
+    base = make_model(name, dev, dt, args.seed)
+    plain = contextlib.nullcontext
+    nets = {}
+    if "base" in wanted:
+        nets["base"] = (base, plain)
+    if "peft" in wanted:
+        lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                               task_type="CAUSAL_LM")
+        pm = C.get_peft_model(copy.deepcopy(base), lcfg, args)
+        C.randomize_([q for n, q in pm.named_parameters() if "lora_B" in n])
+        nets["peft"] = (pm.eval(), plain)
+    if {"eager", "fused", "merged"} & set(wanted):
+        hcfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3,
+                                         target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        hm = C.get_peft_model(copy.deepcopy(base), hcfg, args)
+        C.randomize_([q for _, layer in hydralora.hydra_layers(hm) for q in layer.hydralora_B.values()])
+        hm.eval()
+        if "eager" in wanted:
+            nets["eager"] = (hm, lambda: C.fused_dispatch(False))
+        if "fused" in wanted and dev == "cuda":
+            nets["fused"] = (hm, lambda: C.fused_dispatch(True))
+        if "merged" in wanted:
+            nets["merged"] = (hydralora.merge_and_unload(copy.deepcopy(hm), "mean"), plain)
+    return {key: nets[key] for key in VARIANTS if key in nets}
+
+
+def main():
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="comma list of " + ",".join(SHAPES))
     p.add_argument("--batches", default=None)
@@ -100,49 +150,22 @@ def main():
     n_new = args.new_tokens or (128 if cuda else 32)
     rows = []
     for name in models:
-        model = make_model(name, dev, dt, args.seed)
+        nets = build_variants(name, wanted, dev, dt, args)
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
-        prompts = {b: torch.randint(3, model.config.vocab_size, (b, args.prompt), generator=gen).to(dev) for b in batches}
-
-        def measure(key, net):
-            if key not in wanted:
-                return
-            variant = VARIANTS[key]
-            for b in batches:
-                with C.autocast(args, dev, dt):
-                    t_all = gen_time(net, prompts[b], n_new, dev, args.repeats)
-                    t_pre = gen_time(net, prompts[b], 1, dev, args.repeats)
-                    gpu = gpu_step_ms(net, prompts[b], args.gpu_tokens, dev) if cuda else None
-                row = {"model": name, "batch": b, "variant": variant, "prefill_ms": t_pre * 1e3,
-                       "decode_tok_s": b * (n_new - 1) / max(t_all - t_pre, 1e-9)}
-                if gpu is not None:
-                    row["gpu_ms_step"] = gpu
-                rows.append(row)
-                print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-
-        measure("base", model)
-        lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                               task_type="CAUSAL_LM")
-        pm = C.get_peft_model(model, lcfg, args)
-        C.randomize_([q for n, q in pm.named_parameters() if "lora_B" in n])
-        measure("peft", pm)
-        model = pm.unload()
-        hcfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3,
-                                         target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        hm = C.get_peft_model(model, hcfg, args)
-        C.randomize_([q for _, layer in hydralora.hydra_layers(hm) for q in layer.hydralora_B.values()])
-        hm.eval()
-        with C.fused_dispatch(False):
-            measure("eager", hm)
-        if cuda:
-            try:
-                with C.fused_dispatch(True):
-                    measure("fused", hm)
-            except Exception as err:  # a failing kernel is reported, not fatal
-                print(f"ours token (fused) failed: {type(err).__name__}: {err}", flush=True)
-        merged = hydralora.merge_and_unload(hm, "mean")
-        measure("merged", merged)
-        del model, hm, merged, pm
+        for b in batches:
+            ids = torch.randint(3, next(iter(nets.values()))[0].config.vocab_size, (b, args.prompt), generator=gen).to(dev)
+            with C.autocast(args, dev, dt):
+                timed = take_turns(nets, ids, n_new, dev, args.repeats)
+                for key, (net, ctx) in nets.items():
+                    decode_s, prefill_s = timed[key]
+                    row = {"model": name, "batch": b, "variant": VARIANTS[key], "prefill_ms": prefill_s * 1e3,
+                           "decode_tok_s": b * (n_new - 1) / max(decode_s, 1e-9)}
+                    if cuda:
+                        with ctx():
+                            row["gpu_ms_step"] = gpu_step_ms(net, ids, args.gpu_tokens, dev)
+                    rows.append(row)
+                    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del nets
         C.free_memory()
 
     for r in rows:

@@ -81,3 +81,42 @@ def test_bad_precision_is_refused():
 def test_generate_variants_are_checked_before_any_model_is_built():
     proc = _run("bench_generate.py", "--variants", "base,lora")
     assert proc.returncode == 2 and "--variants: 'base,lora' names ['lora']; allowed: base, peft, eager" in proc.stderr
+
+
+def test_generate_variants_take_turns(monkeypatch):
+    """bench_generate times the variants in turns, the order reversed every other repeat (the host's drift then
+    falls on every variant alike), each variant in its own context, and reports medians over the repeats."""
+    import contextlib
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_generate
+
+    calls, active = [], []
+    clock = {"t": 0.0}
+
+    class Net:
+        def __init__(self, name, step):
+            self.name, self.step = name, step
+
+        def generate(self, ids, max_new_tokens, **kw):
+            calls.append((self.name, max_new_tokens, tuple(active)))
+            clock["t"] += self.step * max_new_tokens + 1.0  # 1 s of prefill, then `step` per new token
+            return torch.zeros(ids.shape[0], ids.shape[1] + max_new_tokens)
+
+    @contextlib.contextmanager
+    def ctx(tag):
+        active.append(tag)
+        yield
+        active.pop()
+
+    monkeypatch.setattr(bench_generate.time, "perf_counter", lambda: clock["t"])
+    nets = {"a": (Net("a", 0.5), lambda: ctx("A")), "b": (Net("b", 2.0), contextlib.nullcontext)}
+    out = bench_generate.take_turns(nets, torch.zeros(1, 4, dtype=torch.long), 5, "cpu", repeats=2)
+    order = [(n, k) for n, k, _ in calls]
+    assert order == [("a", 5), ("a", 1), ("b", 5), ("b", 1),  # warm-up
+                     ("a", 5), ("a", 1), ("b", 5), ("b", 1),  # repeat 1
+                     ("b", 5), ("b", 1), ("a", 5), ("a", 1)]  # repeat 2, reversed
+    assert all(tags == (("A",) if n == "a" else ()) for n, _, tags in calls)
+    assert out["a"] == pytest.approx((0.5 * 4, 1.5)) and out["b"] == pytest.approx((2.0 * 4, 3.0))
