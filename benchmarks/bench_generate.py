@@ -69,7 +69,7 @@ def gen_seconds(model, ids, n_new, dev):
 
 
 def take_turns(nets, ids, n_new, dev, repeats):
-    """{variant: (median decode seconds, median prefill seconds)}: each repeat times every variant once (its
+    """{variant: (median decode seconds, median prefill seconds, decode seconds per repeat)}: each repeat times every variant once (its
     prefill, a 1-token generate, right after its n_new-token generate), the order reversed every other repeat."""
     order = list(nets)
     for key in order:  # warm-up: compilation, autotuning, allocator
@@ -83,7 +83,8 @@ def take_turns(nets, ids, n_new, dev, repeats):
                 t_all = gen_seconds(nets[key][0], ids, n_new, dev)
                 t_pre = gen_seconds(nets[key][0], ids, 1, dev)
             runs[key].append((t_all - t_pre, t_pre))
-    return {key: tuple(statistics.median(r[i] for r in v) for i in range(2)) for key, v in runs.items()}
+    return {key: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v), [r[0] for r in v])
+            for key, v in runs.items()}
 
 
 def gpu_step_ms(model, ids, n_new, dev):
@@ -157,14 +158,17 @@ def main():
             with C.autocast(args, dev, dt):
                 timed = take_turns(nets, ids, n_new, dev, args.repeats)
                 for key, (net, ctx) in nets.items():
-                    decode_s, prefill_s = timed[key]
+                    decode_s, prefill_s, each = timed[key]
                     row = {"model": name, "batch": b, "variant": VARIANTS[key], "prefill_ms": prefill_s * 1e3,
-                           "decode_tok_s": b * (n_new - 1) / max(decode_s, 1e-9)}
+                           "decode_tok_s": b * (n_new - 1) / max(decode_s, 1e-9),
+                           "decode_tok_s_runs": [b * (n_new - 1) / max(d, 1e-9) for d in each]}
                     if cuda:
                         with ctx():
                             row["gpu_ms_step"] = gpu_step_ms(net, ids, args.gpu_tokens, dev)
                     rows.append(row)
-                    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                    shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
+                    shown["decode_tok_s_runs"] = [round(v, 1) for v in row["decode_tok_s_runs"]]
+                    print(shown, flush=True)
         del nets
         C.free_memory()
 

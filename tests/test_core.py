@@ -129,6 +129,29 @@ def test_merge_and_unload_equals_fixed_gate_model(case):
         torch.testing.assert_close(out(merged, inputs), expected, rtol=1e-4, atol=1e-5)
 
 
+def _hydra_hooks_on(module) -> int:
+    from hydralora.tuner.model import HydraLoraModel
+
+    funcs = (HydraLoraModel._pre_forward, HydraLoraModel._post_forward)
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return sum(getattr(h, "__func__", None) in funcs for h in hooks)
+
+
+def test_merging_a_deep_copy_leaves_the_original_routing_hooks():
+    """Unloading a deep copy (the merged export above; TRL's reference model is a deep copy too) removes the copy's
+    routing hooks, not the original's: the original still sees each call's token mask, the merged model has none."""
+    _, model = build("llama")
+    inner = model.base_model.model
+    assert _hydra_hooks_on(inner) == 2
+    merged = hydralora.merge_and_unload(copy.deepcopy(model), "mean")
+    assert _hydra_hooks_on(merged) == 0 and _hydra_hooks_on(inner) == 2
+    inputs = batch("llama")
+    out(model, inputs)
+    layer = hydralora.hydra_layers(model)[0][1]
+    assert layer._token_mask is not None and layer._token_mask.shape == inputs["attention_mask"].shape
+    assert _hydra_hooks_on(model.unload()) == 0
+
+
 def test_unload_gives_back_the_base_model(case):
     family, extra = case
     base, model = build(family, extra)

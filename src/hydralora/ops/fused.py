@@ -228,14 +228,14 @@ def _hooks_idle() -> bool:
 def _launch(kernel, grid, args, kw, fixed_cfg, tune):
     """Run an autotuned kernel; under TRITON_INTERPRET=1 (no driver to tune with) or HYDRALORA_AUTOTUNE=0
     (tests: fewer compilations) run one fixed config instead. `tune`: the values of the autotuner's key."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HYDRALORA_AUTOTUNE") == "0":
-        warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": 4, "num_stages": 3}
-        kernel.fn[grid(fixed_cfg)](*args, **kw, **fixed_cfg, **warps)
-        return
     dev = args[0].device.index
     spec, tens, ptrs = _spec_key(kernel, args)
     key = (kernel.fn.__name__, tune, tuple(kw.items()), dev, spec)
-    hit = _COMPILED.get(key)
+    hit = _COMPILED.get(key)  # (the environment is read on a miss only: each read costs microseconds of host time)
+    if hit is None and (os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HYDRALORA_AUTOTUNE") == "0"):
+        warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": 4, "num_stages": 3}
+        kernel.fn[grid(fixed_cfg)](*args, **kw, **fixed_cfg, **warps)
+        return
     if hit is not None:
         compiled, meta, tail, direct = hit  # tail: the constexprs' values, in the kernel's argument order
         g = grid(meta)
