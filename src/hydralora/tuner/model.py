@@ -132,8 +132,9 @@ class HydraLoraModel(BaseTuner):
             layer.__dict__["_recording"] = False
             if not layer.training:  # no balance loss outside training (_record)
                 continue
-            for name in layer.active_adapters:
-                value = layer.last_aux_loss.get(name)
+            # Only adapters that ran in this forward hold a loss (_pre_forward cleared every entry): no need for
+            # PEFT's active_adapters property, whose lookups cost more host time than the rest of this loop.
+            for name, value in layer.last_aux_loss.items():
                 if value is not None:
                     terms.append(value)
                     coef = layer.hconfig[name].balance_loss_coef
