@@ -290,6 +290,33 @@ def test_fused_supported_rules(monkeypatch):
         assert not layer_fused_supported(make_layer(dtype=torch.bfloat16, device="cuda"), "default", xc)
 
 
+def test_fused_supported_rules_past_the_device_check(monkeypatch):
+    """The rules behind the device check, on the CPU (x reports is_cuda): bf16 GEMMs with dense token routing by a
+    router on x qualify, and so do fp32 weights under a bf16 autocast; fp32 without autocast, a weight in another
+    dtype, top-k, a router on A's output, R-LoRA's init offset, expert dropout and fixed routing do not."""
+    lay, f32 = make_layer(dtype=torch.bfloat16), make_layer()
+    others = [make_layer(dtype=torch.bfloat16, **extra) for extra in
+              ({"top_k": 2}, {"router_input": "lora_a"}, {"init_b": "rlora"}, {"expert_dropout": True})]
+    x = torch.randn(4, 48, dtype=torch.bfloat16)
+    monkeypatch.setenv("HYDRALORA_FUSED", "1")
+    monkeypatch.setattr(fops, "HAS_TRITON", True)
+    monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert layer_fused_supported(lay, "default", x) and fused_supported(x, *params(lay))
+    assert layer_fused_supported(lay, "default", x, torch.zeros(4, 40, dtype=torch.bfloat16))
+    assert not layer_fused_supported(lay, "default", x, torch.zeros(4, 40))  # result in another dtype
+    assert not fused_supported(x.float(), *params(lay))
+    assert not layer_fused_supported(f32, "default", x)
+    A, G, B = params(lay)
+    assert not fused_supported(x, A, G.float(), B)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer_fused_supported(f32, "default", x.float())
+    for other in others:
+        assert not layer_fused_supported(other, "default", x), other.hconfig["default"]
+    hydralora.set_routing(nn.Sequential(lay), "fixed", "mean")
+    assert not layer_fused_supported(lay, "default", x)
+
+
 def test_fused_path_steps_aside_under_torch_compile(monkeypatch):
     """Inside a torch.compile trace the layer keeps its eager formulation (the kernel launch cache is not traceable)."""
     monkeypatch.setattr(fops, "HAS_TRITON", True)
@@ -319,7 +346,7 @@ def test_layer_dispatch_plumbing(monkeypatch):
     calls = []
     real = fops._apply_2d
     monkeypatch.setattr(fops, "_apply_2d", lambda *a, **k: calls.append(a[1] is not None) or real(*a, **k))
-    monkeypatch.setattr(fops, "fused_supported", lambda *a, **k: True)
+    monkeypatch.setattr(fops, "_supported", lambda *a, **k: True)  # the rules behind fused_supported
     monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
     layer = make_layer(temp=0.5, balance_loss_coef=0.1).train()
     # A hook keeps base_layer(x) + delta (a plain base would run inside hydra_linear_fused: tested below).

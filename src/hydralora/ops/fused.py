@@ -493,12 +493,6 @@ def hydra_linear_fused(
                      token_weights)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the GEMMs run in: autocast's where it is on for x's device (as F.linear would), else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend, usage=None,
               weights=None, Bf=None):
     """Flatten x to (T, k), run the Function, and give the results x's leading shape back.
@@ -573,12 +567,22 @@ def fused_supported(
     B and result in one such dtype, or any float dtypes under a bf16/fp16 autocast, which the eager layer's GEMMs
     would follow too), dense softmax token routing by a router on x, no top-k, no masked experts at inference, no
     R-LoRA init offset, one shared dropout mask, r <= 64, N <= 16, x.numel() < 2**31."""
-    dt = _compute_dtype(x)
+    amp = torch.is_autocast_enabled(x.device.type)
+    dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+    return _supported(x, dt, amp, A, W_g, B, result, router_input, routing_mode, top_k, num_experts, masked_experts,
+                      training, init_offset, expert_dropout)
+
+
+def _supported(x, dt, amp, A, W_g, B, result, router_input, routing_mode, top_k, num_experts, masked_experts, training,
+               init_offset, expert_dropout) -> bool:
+    """fused_supported, given x's GEMM dtype and the autocast state (the layer's dispatch has them already)."""
     if not HAS_TRITON or not x.is_cuda or dt not in _FUSED_DTYPES:
         return False
-    amp = torch.is_autocast_enabled(x.device.type)
-    if not (_gemm_operand(x, x, dt, amp) and _gemm_operand(A, x, dt, amp) and _gemm_operand(W_g, x, dt, amp)
-            and _gemm_operand(B, x, dt, amp)):
+    dev = x.device  # the _gemm_operand checks of x, A, W_g and B, written out (no Python call per check)
+    if not (A.device == dev and W_g.device == dev and B.device == dev):
+        return False
+    if not ((x.is_floating_point() and A.is_floating_point() and W_g.is_floating_point() and B.is_floating_point())
+            if amp else (A.dtype == dt and W_g.dtype == dt and B.dtype == dt)):
         return False
     if result is not None and (result.dtype != dt or result.shape[:-1] != x.shape[:-1]):
         return False
@@ -624,26 +628,28 @@ def layer_fused_supported(layer, adapter_name: str, x: torch.Tensor, result: Opt
     HYDRALORA_FUSED switch)."""
     if not _kernel_device(x) or not fused_enabled(x.numel() // max(x.shape[-1], 1)):
         return False  # the device first: on the CPU every call ends here, without reading the environment
-    return _layer_supported(layer, adapter_name, x, *_adapter_args(layer, adapter_name)[:3], result)
+    amp = torch.is_autocast_enabled(x.device.type)
+    dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+    return _layer_supported(layer, adapter_name, x, dt, amp, *_adapter_args(layer, adapter_name)[:3], result)
 
 
-def _layer_supported(layer, name: str, x, A, W_g, B, result=None) -> bool:
+def _layer_supported(layer, name: str, x, dt, amp, A, W_g, B, result=None) -> bool:
     cfg = layer.hconfig[name]
-    return fused_supported(
-        x, A, W_g, B, result, router_input=cfg.router_input, routing_mode=layer.routing_mode, top_k=cfg.top_k,
-        num_experts=layer.num_experts[name], masked_experts=cfg.masked_experts, training=layer.training,
-        init_offset=layer._init_offset(name) is not None, expert_dropout=cfg.expert_dropout,
-    )
+    return _supported(x, dt, amp, A, W_g, B, result, cfg.router_input, layer.routing_mode, cfg.top_k,
+                      layer.num_experts[name], cfg.masked_experts, layer.training, layer._init_offset(name) is not None,
+                      cfg.expert_dropout)
 
 
 def _plain_linear(base) -> bool:
     """A torch.nn.Linear whose forward is exactly F.linear(x, weight, bias): no subclass, no hooks, frozen."""
+    if type(base) is not torch.nn.Linear:
+        return False
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
     return (
-        type(base) is torch.nn.Linear
-        and not (base._forward_hooks or base._forward_pre_hooks)
+        not (base._forward_hooks or base._forward_pre_hooks)
         and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
-        and not base.weight.requires_grad
-        and (base.bias is None or not base.bias.requires_grad)
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
     )
 
 
@@ -661,16 +667,20 @@ def layer_linear_fused(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     names = [n for n in layer.active_adapters if n in layer.hydralora_A]
     if len(names) != 1:
         return None
-    base, name = layer.get_base_layer(), names[0]
+    # The wrapped module itself (a nested tuner layer is no plain Linear: it runs as base_layer(x)), and its
+    # parameters read from their dicts: nn.Module.__getattr__ costs a Python call per attribute, per layer call.
+    base, name = layer._modules["base_layer"], names[0]
     if not _plain_linear(base):
         return None
     A, W_g, B, scaling, kw = _adapter_args(layer, name)
-    if not _layer_supported(layer, name, x, A, W_g, B):
+    amp = torch.is_autocast_enabled(x.device.type)
+    dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+    if not _layer_supported(layer, name, x, dt, amp, A, W_g, B):
         return None
-    dt, amp = _compute_dtype(x), torch.is_autocast_enabled(x.device.type)
-    if not (_gemm_operand(base.weight, x, dt, amp) and (base.bias is None or _gemm_operand(base.bias, x, dt, amp))):
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
+    if not (_gemm_operand(weight, x, dt, amp) and (bias is None or _gemm_operand(bias, x, dt, amp))):
         return None
-    return _run_for_layer(layer, name, x, None, base.weight, base.bias, A, W_g, B, scaling, kw)
+    return _run_for_layer(layer, name, x, None, weight, bias, A, W_g, B, scaling, kw)
 
 
 def _run_for_layer(layer, name: str, x, res2, weight, bias, A, W_g, B, scaling, kw) -> torch.Tensor:
@@ -695,7 +705,9 @@ def _adapter_args(layer, name: str) -> tuple:
     """An adapter's (A, W_g, B, scaling, keyword arguments) for the fused ops."""
     cfg = layer.hconfig[name]
     kw = dict(dropout_p=cfg.lora_dropout, training=layer.training, temperature=cfg.router_temperature)
-    return layer.hydralora_A[name], layer.hydralora_router[name], layer.hydralora_B[name], layer.scaling[name], kw
+    mods = layer._modules  # the ParameterDicts' entries read directly (ParameterDict[name]: four Python calls)
+    return (mods["hydralora_A"]._parameters[name], mods["hydralora_router"]._parameters[name],
+            mods["hydralora_B"]._parameters[name], layer.scaling[name], kw)
 
 
 def layer_hydra_delta_fused(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
