@@ -4,8 +4,8 @@
 # GPU tests first (the fused path's correctness), then the layer, launch, host-profile, train-step and generate
 # benchmarks; each step's JSON and log land in OUTDIR, and a failing step does not stop the ones after it.
 # Naming steps runs only those, to split the suite over calls with a time limit (10 min each on the H200 here:
-# `tests layer_pure train_pure`, then `generate`, then `generate_fused layer_amp launch host_profile host_sections`;
-# the generate steps' decoding is host-bound there: both did not fit one call in session 8).
+# `tests layer_pure train_pure`, then `generate`, then `generate_eager layer_amp launch host_profile host_sections`;
+# decoding is host-bound there, so the generate steps time their variants in turns: 287 s for `generate` in session 9).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [STEP...]}
 shift
@@ -30,5 +30,5 @@ step launch 60 python3 benchmarks/launch_overhead.py --device cuda --json "$out/
 step host_profile 60 python3 benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50
 step host_sections 90 python3 benchmarks/host_sections.py --device cuda --json "$out/host_sections.json"
 step train_pure 260 python3 benchmarks/bench_train_step.py --device cuda --precision pure --json "$out/train_pure.json"
-step generate 300 python3 benchmarks/bench_generate.py --device cuda --repeats 1 --json "$out/generate.json"
-step generate_fused 300 python3 benchmarks/bench_generate.py --device cuda --repeats 2 --variants peft,fused --json "$out/generate_fused.json"
+step generate 340 python3 benchmarks/bench_generate.py --device cuda --repeats 3 --variants base,peft,fused,merged --json "$out/generate.json"
+step generate_eager 340 python3 benchmarks/bench_generate.py --device cuda --repeats 3 --variants peft,eager,fused --json "$out/generate_eager.json"
