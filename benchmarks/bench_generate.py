@@ -69,8 +69,9 @@ def gen_seconds(model, ids, n_new, dev):
 
 
 def take_turns(nets, ids, n_new, dev, repeats):
-    """{variant: (median decode seconds, median prefill seconds, decode seconds per repeat)}: each repeat times every variant once (its
-    prefill, a 1-token generate, right after its n_new-token generate), the order reversed every other repeat."""
+    """{variant: (median decode seconds, median prefill seconds, decode seconds per repeat)}: each repeat times
+    every variant once (its prefill, a 1-token generate, right after its n_new-token generate), the order reversed
+    every other repeat."""
     order = list(nets)
     for key in order:  # warm-up: compilation, autotuning, allocator
         with nets[key][1]():
@@ -90,7 +91,8 @@ def take_turns(nets, ids, n_new, dev, repeats):
 def gpu_step_ms(model, ids, n_new, dev):
     """GPU busy ms per decode step: device time of generating n_new tokens minus that of generating 1, per step."""
     with torch.inference_mode():
-        busy = {n: C.device_busy_ms(lambda: model.generate(ids, **gen_kwargs(ids, n)), dev, calls=1) for n in (1, n_new)}
+        busy = {n: C.device_busy_ms(lambda: model.generate(ids, **gen_kwargs(ids, n)), dev, calls=1)
+                for n in (1, n_new)}
     return (busy[n_new] - busy[1]) / (n_new - 1)
 
 
@@ -154,7 +156,7 @@ def main():
         nets = build_variants(name, wanted, dev, dt, args)
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         for b in batches:
-            ids = torch.randint(3, next(iter(nets.values()))[0].config.vocab_size, (b, args.prompt), generator=gen).to(dev)
+            ids = torch.randint(3, SHAPES[name]["vocab_size"], (b, args.prompt), generator=gen).to(dev)
             with C.autocast(args, dev, dt):
                 timed = take_turns(nets, ids, n_new, dev, args.repeats)
                 for key, (net, ctx) in nets.items():

@@ -493,6 +493,13 @@ def hydra_linear_fused(
                      token_weights)
 
 
+def _gemm_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:
+    """(the dtype the GEMMs run in, autocast on): autocast's dtype where it is on for x's device (as F.linear would
+    cast), else x's own."""
+    amp = torch.is_autocast_enabled(x.device.type)
+    return (torch.get_autocast_dtype(x.device.type) if amp else x.dtype), amp
+
+
 def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p, training, backend, usage=None,
               weights=None, Bf=None):
     """Flatten x to (T, k), run the Function, and give the results x's leading shape back.
@@ -502,8 +509,7 @@ def _apply_2d(x, res2, weight, bias, A, W_g, B, scaling, temperature, dropout_p,
     Written for few host calls: this runs once per adapted layer and call, and the layer is host-bound on fast GPUs.
     """
     dev = x.device.type
-    amp = torch.is_autocast_enabled(dev)
-    dt = torch.get_autocast_dtype(dev) if amp else x.dtype
+    dt, amp = _gemm_dtype(x)
     if (x.dtype != dt or A.dtype != dt or W_g.dtype != dt or B.dtype != dt or (res2 is not None and res2.dtype != dt)
             or (weight is not None and weight.dtype != dt) or (bias is not None and bias.dtype != dt)):
         x, A, W_g, B = x.to(dt), A.to(dt), W_g.to(dt), B.to(dt)  # adapter weights: (R+N)*k + N*d*R elements, small
@@ -567,8 +573,7 @@ def fused_supported(
     B and result in one such dtype, or any float dtypes under a bf16/fp16 autocast, which the eager layer's GEMMs
     would follow too), dense softmax token routing by a router on x, no top-k, no masked experts at inference, no
     R-LoRA init offset, one shared dropout mask, r <= 64, N <= 16, x.numel() < 2**31."""
-    amp = torch.is_autocast_enabled(x.device.type)
-    dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+    dt, amp = _gemm_dtype(x)
     return _supported(x, dt, amp, A, W_g, B, result, router_input, routing_mode, top_k, num_experts, masked_experts,
                       training, init_offset, expert_dropout)
 
@@ -628,8 +633,7 @@ def layer_fused_supported(layer, adapter_name: str, x: torch.Tensor, result: Opt
     HYDRALORA_FUSED switch)."""
     if not _kernel_device(x) or not fused_enabled(x.numel() // max(x.shape[-1], 1)):
         return False  # the device first: on the CPU every call ends here, without reading the environment
-    amp = torch.is_autocast_enabled(x.device.type)
-    dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+    dt, amp = _gemm_dtype(x)
     return _layer_supported(layer, adapter_name, x, dt, amp, *_adapter_args(layer, adapter_name)[:3], result)
 
 
@@ -673,8 +677,7 @@ def layer_linear_fused(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     if not _plain_linear(base):
         return None
     A, W_g, B, scaling, kw = _adapter_args(layer, name)
-    amp = torch.is_autocast_enabled(x.device.type)
-    dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+    dt, amp = _gemm_dtype(x)
     if not _layer_supported(layer, name, x, dt, amp, A, W_g, B):
         return None
     weight, bias = base._parameters["weight"], base._parameters["bias"]
