@@ -24,6 +24,8 @@ TEST_CASES = [
     ("llama", {"router_input": "lora_a", "num_experts": 4}),
     ("llama", {"top_k": 2}),
     ("llama", {"init_b": "rlora"}),
+    ("llama", {"init_b": "svd", "init_a": "svd", "target_modules": "all-linear"}),
+    ("gpt2", {"init_b": "svd"}),
     ("llama", {"shared_a": False, "router_input": "lora_a"}),
     ("gpt2", {}),
     ("bert", {}),

@@ -10,7 +10,11 @@ from .tuner import HydraLinear, HydraLoraConfig, HydraLoraLayer, HydraLoraModel
 _register(HydraLoraConfig, HydraLoraModel)
 
 from .export import export_lora, merge_and_unload  # noqa: E402
-from .routing import expert_usage, get_aux_loss, get_routing, hydra_layers, set_routing  # noqa: E402
+from .routing import (  # noqa: E402
+    expert_usage, get_aux_loss, get_ortho_loss, get_route_loss, get_routing, hydra_layers, set_route_target_weight,
+    set_routing,
+)
+from .diagnostics import expert_similarity, router_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,11 +22,16 @@ __all__ = [
     "HydraLinear",
     "HydraLoraLayer",
     "HydraLoraModel",
+    "expert_similarity",
     "expert_usage",
     "export_lora",
     "get_aux_loss",
+    "get_ortho_loss",
+    "get_route_loss",
     "get_routing",
     "hydra_layers",
     "merge_and_unload",
+    "router_entropy",
+    "set_route_target_weight",
     "set_routing",
 ]

@@ -77,3 +77,31 @@ def get_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
         if isinstance(module, HydraLoraModel):
             return module.aux_loss
     return None
+
+
+def _tuner_models(model: nn.Module) -> list[HydraLoraModel]:
+    return [m for m in model.modules() if isinstance(m, HydraLoraModel)]
+
+
+def set_route_target_weight(model: nn.Module, weight: Optional[float]) -> None:
+    """Set the weight of the routing-target loss for the next forwards (a training schedule calls this every step);
+    None goes back to each adapter's `route_target_coef`. The loss needs `route_labels` (B,) in the forward call."""
+    if weight is not None and not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0):
+        raise ValueError(f"weight={weight!r} is invalid: a number >= 0, or None for the config's route_target_coef.")
+    tuners = _tuner_models(model)
+    if not tuners:
+        raise ValueError(f"{type(model).__name__} has no HydraLoRA model: build it with peft.get_peft_model.")
+    for tuner in tuners:
+        tuner.route_target_weight = None if weight is None else float(weight)
+
+
+def get_route_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """The routing-target loss of the last training forward (mean over layers), before its weight."""
+    tuners = _tuner_models(model)
+    return tuners[0].route_loss if tuners else None
+
+
+def get_ortho_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """The expert-diversity penalty of the last training forward (mean over layers), before its coefficient."""
+    tuners = _tuner_models(model)
+    return tuners[0].ortho_loss if tuners else None

@@ -277,3 +277,26 @@ def resolve_num_experts(texts, **kw) -> tuple[int, dict]:
     """
     res = suggest_num_experts(texts, **kw)
     return res.k, res.to_dict()
+
+
+def cluster_labels(texts, k: int, method: str = DEFAULT_METHOD, seed: int = 0, n_init: int = 10) -> np.ndarray:
+    """The cluster (0..k-1) of every text, with the features auto-N uses for ``method`` and K-means at ``k``:
+    the targets of the routing warm-start (expert i starts on cluster i). ``k=1`` labels every text 0."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ClusteringError(f"k={k!r}; allowed: an integer >= 1")
+    texts = list(texts)
+    if k == 1:
+        return np.zeros(len(texts), dtype=np.int64)
+    texts, _ = _check_inputs(texts + ["."] * 2, range(2, 4), "lsa-stability")  # the per-document checks
+    texts = texts[:-2]
+    if len(texts) < k:
+        raise ClusteringError(f"only {len(texts)} documents for k={k} clusters; need at least k documents")
+    if method not in METHODS:
+        raise ClusteringError(f"method={method!r}; allowed: {', '.join(METHODS)}")
+    with threadpool_limits(1):
+        if method == "tfidf-elbow":
+            X = paper_tfidf(texts)
+        else:
+            n_components, min_df = _FEATURES.get(method, _FEATURES_DEFAULT)
+            X = template_lsa(texts, seed=seed, n_components=n_components, min_df=min_df)
+        return KMeans(int(k), n_init=n_init, random_state=seed).fit(X).labels_.astype(np.int64)

@@ -100,13 +100,21 @@ class SFTDataset(torch.utils.data.Dataset):
     """Examples tokenised once up front, for ``Trainer``/DataLoader with :class:`SFTCollator`.
 
     ``examples[i]`` stays available (e.g. its task) next to ``features[i]``.
+    ``route_labels`` (one int per example, -1 for none) adds each example's target expert for
+    HydraLoRA's routing-target loss; the collator passes them on as ``route_labels`` (B,).
     """
 
     def __init__(self, examples: Sequence[Example], tokenizer, max_length: int = 1024,
-                 use_chat_template: bool = False):
+                 use_chat_template: bool = False, route_labels: Sequence[int] | None = None):
         self.examples = list(examples)
         self.features = [encode_example(e, tokenizer, max_length, use_chat_template)
                          for e in self.examples]
+        if route_labels is not None:
+            if len(route_labels) != len(self.examples):
+                raise ValueError(f"route_labels has {len(route_labels)} entries for {len(self.examples)} examples; "
+                                 "give one target expert per example.")
+            for f, label in zip(self.features, route_labels):
+                f["route_labels"] = int(label)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -142,4 +150,6 @@ class SFTCollator:
                                            + [0] * n)
             labels = f.get("labels", f["input_ids"])
             batch["labels"].append(list(labels) + [IGNORE_INDEX] * n)
+        if all("route_labels" in f for f in features):
+            batch["route_labels"] = [int(f["route_labels"]) for f in features]
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

@@ -55,6 +55,8 @@ class TrainConfig:
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip malformed data rows (counted) instead of failing."})
     auto_n_method: Optional[str] = field(default=None, metadata={"help": "Method for num_experts='auto' (None: clustering default)."})
     auto_n_k_max: int = field(default=10, metadata={"help": "Largest K tried for num_experts='auto'."})
+    validation_per_task: int = field(default=0, metadata={"help": "Training examples per task held out as a validation set (never trained on) and scored at the end next to the test set, for choosing settings without the test split; 0: none."})
+    route_target_ratio: float = field(default=0.3, metadata={"help": "Share of the training steps over which the routing-target loss (route_target_coef) decays linearly to 0; its targets are the K-means clusters of the training prompts (K = num_experts)."})
     eval_max_per_task: Optional[int] = field(default=None, metadata={"help": "Held-out examples per task (None: schedule; 0: all)."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size for evaluation."})
     max_new_tokens: int = field(default=24, metadata={"help": "Generation budget for generative tasks."})
@@ -155,6 +157,11 @@ def validate(cfg: TrainConfig) -> None:
     ratio = cfg.loraplus_lr_ratio
     if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0):
         raise ValueError(f"loraplus_lr_ratio={ratio!r} is invalid: must be a number > 0 (LoRA+ uses about 16), or null.")
+    if isinstance(cfg.validation_per_task, bool) or not isinstance(cfg.validation_per_task, int) or cfg.validation_per_task < 0:
+        raise ValueError(f"validation_per_task={cfg.validation_per_task!r} is invalid: must be an integer >= 0.")
+    ratio = cfg.route_target_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
+        raise ValueError(f"route_target_ratio={ratio!r} is invalid: must be a number with 0 < ratio <= 1.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={cfg.device!r} is invalid: allowed are auto, cpu, cuda.")
 

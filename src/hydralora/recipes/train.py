@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .. import expert_usage, get_aux_loss, set_routing
+from .. import expert_usage, get_aux_loss, get_ortho_loss, get_route_loss, set_route_target_weight, set_routing
 from ..data.collate import SFTCollator, SFTDataset, render_prompt
 from ..data.formats import Example, load_examples
 from .config import RunSpec, apply_schedule
@@ -31,7 +31,7 @@ class HydraTrainer(Trainer):
     def __init__(self, *args, loraplus_lr_ratio: float | None = None, response_logits_only: bool = False, **kwargs):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(*args, **kwargs)
-        self._aux_sum, self._aux_n = 0.0, 0
+        self._sums = {"aux_loss": [0.0, 0], "route_loss": [0.0, 0], "ortho_loss": [0.0, 0]}
         self._logits_form = logits_to_keep_support(self.model) if response_logits_only else None
 
     def create_optimizer(self, model=None):
@@ -53,22 +53,39 @@ class HydraTrainer(Trainer):
         if self._logits_form is not None and model.training:
             inputs = keep_response_logits(inputs, self._logits_form)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        aux = get_aux_loss(model)
-        if aux is not None:
-            self._aux_sum += float(aux.detach())
-            self._aux_n += 1
+        for key, read in (("aux_loss", get_aux_loss), ("route_loss", get_route_loss), ("ortho_loss", get_ortho_loss)):
+            value = read(model)
+            if value is not None:
+                self._sums[key][0] += float(value.detach())
+                self._sums[key][1] += 1
         return result
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self.model is not None and get_aux_loss(self.model) is not None:
-            # mean over the logging window and over ranks, as Trainer does for the loss
-            stats = torch.tensor([self._aux_sum, float(self._aux_n)], device=self.args.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(stats)
-            if stats[1] > 0:
-                logs["aux_loss"] = round(float(stats[0] / stats[1]), 6)
-            self._aux_sum, self._aux_n = 0.0, 0
+        if "loss" in logs and self.model is not None:
+            for key, (total, count) in self._sums.items():
+                if count == 0:  # every rank runs the same configuration: all skip alike
+                    continue
+                # mean over the logging window and over ranks, as Trainer does for the loss
+                stats = torch.tensor([total, float(count)], device=self.args.device)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(stats)
+                if stats[1] > 0:
+                    logs[key] = round(float(stats[0] / stats[1]), 6)
+                self._sums[key] = [0.0, 0]
         super().log(logs, *args, **kwargs)
+
+
+class RouteTargetSchedule(TrainerCallback):
+    """The routing-target loss's weight: `coef` at the first step, decaying linearly to 0 at `ratio` of max_steps."""
+
+    def __init__(self, model, coef: float, ratio: float, max_steps: int):
+        self.model, self.coef, self.end = model, float(coef), max(1.0, ratio * max_steps)
+
+    def weight(self, step: int) -> float:
+        return self.coef * max(0.0, 1.0 - step / self.end)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        set_route_target_weight(self.model, self.weight(state.global_step))
 
 
 def resolve_data_path(data: str) -> str:
@@ -101,6 +118,35 @@ def split_examples(examples: list[Example], seed: int, holdout: float = 0.1) -> 
         test += rows[:n_test]
         train += rows[n_test:]
     return train, test
+
+
+def carve_validation(train: list[Example], per_task: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `per_task` training examples of every task (seeded; at least one stays for training) as a
+    validation set: settings are chosen on it, never on the test split."""
+    if per_task <= 0:
+        return train, []
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(train):
+        by_task[e.task].append(i)
+    rng = random.Random(f"validation-{seed}")
+    held: set[int] = set()
+    for task in sorted(by_task):
+        idx = list(by_task[task])
+        rng.shuffle(idx)
+        held.update(idx[: min(per_task, len(idx) - 1)])
+    return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
+
+
+def route_targets(train: list[Example], spec: RunSpec) -> Optional[list[int]]:
+    """Each training example's target expert for the routing-target loss: its K-means cluster of the training
+    prompts with K = num_experts (the features auto-N uses); None when the loss is off."""
+    if not (is_hydra(spec.train.method) and uses_router(spec.train.method)) or not spec.adapter.get("route_target_coef"):
+        return None
+    from ..clustering import DEFAULT_METHOD, cluster_labels
+
+    labels = cluster_labels([e.prompt for e in train], int(spec.adapter["num_experts"]),
+                            method=spec.train.auto_n_method or DEFAULT_METHOD, seed=spec.train.seed)
+    return [int(v) for v in labels]
 
 
 def cap_per_task(examples: list[Example], cap: Optional[int]) -> list[Example]:
@@ -190,6 +236,20 @@ def routing_by_task(model, tokenizer, examples: list[Example], spec: RunSpec, de
     return out
 
 
+def specialisation(model, tokenizer, examples: list[Example], spec: RunSpec, device: str) -> dict:
+    """At the end of training: the router's mean per-token entropy on the held-out prompts (units of log N) and the
+    experts' mean pairwise cosine similarity (hydralora.diagnostics)."""
+    from ..diagnostics import expert_similarity, router_entropy
+
+    texts = [render_prompt(e, tokenizer, spec.train.use_chat_template) for e in examples]
+    bs = spec.train.eval_batch_size
+    batches = (tokenizer(texts[i : i + bs], return_tensors="pt", padding=True, truncation=True,
+                         max_length=spec.train.max_seq_length).to(device) for i in range(0, len(texts), bs))
+    out: dict[str, Any] = {"router_entropy": router_entropy(model, batches)}
+    out.update({k: v for k, v in (expert_similarity(model) or {}).items()})
+    return out
+
+
 def _layer_index(name: str) -> int:
     parts = name.split(".")
     for a, b in zip(parts, parts[1:]):
@@ -221,7 +281,9 @@ def run_train(spec: RunSpec) -> dict:
     if cfg.eval_data:
         test_ex = list(load_examples(cfg.eval_data, tokenizer=tokenizer, skip_bad_rows=cfg.skip_bad_rows))
     test_ex = cap_per_task(test_ex, cfg.eval_max_per_task)
-    print(f"[hydralora] data: {len(train_ex)} training examples, {len(test_ex)} held-out, tasks {sorted({e.task for e in train_ex})}")
+    train_ex, val_ex = carve_validation(train_ex, cfg.validation_per_task, cfg.seed)
+    print(f"[hydralora] data: {len(train_ex)} training examples, {len(val_ex)} validation, {len(test_ex)} held-out, "
+          f"tasks {sorted({e.task for e in train_ex})}")
 
     auto_n = find_num_experts(train_ex, spec, out)
     if auto_n is not None:
@@ -247,7 +309,13 @@ def run_train(spec: RunSpec) -> dict:
         metrics["base_eval_seconds"] = time.time() - t
         print(f"[hydralora] base model held-out mean accuracy {metrics['base']['mean_accuracy']:.3f}")
 
-    train_ds = SFTDataset(train_ex, tokenizer, max_length=cfg.max_seq_length, use_chat_template=cfg.use_chat_template)
+    targets = route_targets(train_ex, spec)
+    if targets is not None:
+        counts = [targets.count(i) for i in range(int(spec.adapter["num_experts"]))]
+        metrics["route_target_counts"] = counts
+        print(f"[hydralora] routing warm-start: training examples per target expert {counts}")
+    train_ds = SFTDataset(train_ex, tokenizer, max_length=cfg.max_seq_length, use_chat_template=cfg.use_chat_template,
+                          route_labels=targets)
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
@@ -262,7 +330,10 @@ def run_train(spec: RunSpec) -> dict:
     from transformers.integrations import TensorBoardCallback
 
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
-    trainer = HydraTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[tensorboard],
+    callbacks = [tensorboard]
+    if targets is not None:
+        callbacks.append(RouteTargetSchedule(model, spec.adapter["route_target_coef"], cfg.route_target_ratio, cfg.max_steps))
+    trainer = HydraTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks,
                            loraplus_lr_ratio=cfg.loraplus_lr_ratio, response_logits_only=cfg.response_logits_only)
     resume = None
     if cfg.resume:
@@ -292,11 +363,16 @@ def run_train(spec: RunSpec) -> dict:
     metrics["adapted"] = evaluate(model, tokenizer, test_ex, **eval_kw)
     metrics["adapted_eval_seconds"] = time.time() - t
     metrics["eval_routing"] = cfg.eval_routing
+    if val_ex:
+        metrics["validation"] = evaluate(model, tokenizer, val_ex, **eval_kw)
+        print(f"[hydralora] validation mean accuracy {metrics['validation']['mean_accuracy']:.3f} ({len(val_ex)} examples)")
     if "base" in metrics:
         metrics["mean_gain"] = metrics["adapted"]["mean_accuracy"] - metrics["base"]["mean_accuracy"]
     if is_hydra(cfg.method) and uses_router(cfg.method):
         set_routing(model, "token")
         metrics["routing_by_task"] = routing_by_task(model, tokenizer, test_ex, spec, device)
+    if is_hydra(cfg.method):
+        metrics.update(specialisation(model, tokenizer, test_ex, spec, device))
     metrics["total_seconds"] = time.time() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     print(format_table(metrics["adapted"], baseline=metrics.get("base")))

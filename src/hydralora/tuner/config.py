@@ -11,7 +11,8 @@ from peft.utils import PeftType
 
 ROUTER_INPUTS = ("x", "lora_a")
 BALANCE_LOSSES = ("switch", "cv2")
-INIT_B_CHOICES = ("zeros", "rlora")
+INIT_B_CHOICES = ("zeros", "rlora", "svd")
+INIT_A_CHOICES = ("kaiming", "svd")
 BIAS_CHOICES = ("none", "all", "hydralora_only")
 
 
@@ -81,11 +82,40 @@ class HydraLoraConfig(PeftConfig):
     )
     init_b: str = field(
         default="zeros",
-        metadata={"help": "'zeros' (LoRA's init) or 'rlora': random non-zero experts whose initial update is cancelled exactly."},
+        metadata={
+            "help": "'zeros' (LoRA's init), 'rlora' (random non-zero experts) or 'svd' (expert i starts on its own "
+            "block of W0's left singular vectors, disjoint from the other experts', as Ortho-Hydra, arXiv 2605.03252, "
+            "and GOAT's SVD-segment init). The non-zero inits keep frozen copies of the initial A and B and subtract "
+            "their update, so the adapted model equals the base at step 0 and W0 is never modified."
+        },
+    )
+    init_a: str = field(
+        default="kaiming",
+        metadata={
+            "help": "'kaiming' (LoRA's A init) or 'svd': the shared A starts on W0's top-r right singular vectors, "
+            "scaled to Kaiming's norm (with a non-zero init_b its frozen copy cancels the initial update)."
+        },
     )
     init_b_std: float = field(default=0.02, metadata={"help": "Standard deviation of the random expert init when init_b='rlora'."})
     expert_dropout: bool = field(
         default=False, metadata={"help": "Draw an independent dropout mask per expert (R-LoRA) instead of one shared mask."}
+    )
+    route_target_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the routing-target loss: cross-entropy between each sequence's mean gate and its "
+            "target expert (the `route_labels` passed to forward, e.g. the corpus cluster of the example), "
+            "averaged over layers and added to the training loss. 0 disables it; the training recipe decays it "
+            "to 0 over the first `route_target_ratio` of training (hydralora.set_route_target_weight)."
+        },
+    )
+    expert_ortho_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the expert-diversity penalty: the mean squared cosine similarity between the "
+            "experts' flattened B_i (net of a non-zero init), averaged over layers and added to the training "
+            "loss. 0 disables it."
+        },
     )
     masked_experts: list[int] = field(
         default_factory=list,
@@ -155,6 +185,12 @@ class HydraLoraConfig(PeftConfig):
             _fail("balance_loss_coef", self.balance_loss_coef, "must be a finite number >= 0 (0 disables the loss)")
         if self.init_b not in INIT_B_CHOICES:
             _fail("init_b", self.init_b, f"allowed values are {INIT_B_CHOICES}")
+        if self.init_a not in INIT_A_CHOICES:
+            _fail("init_a", self.init_a, f"allowed values are {INIT_A_CHOICES}")
+        for name in ("route_target_coef", "expert_ortho_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                _fail(name, value, "must be a finite number >= 0 (0 disables it)")
         if not isinstance(self.init_b_std, (int, float)) or not (self.init_b_std > 0):
             _fail("init_b_std", self.init_b_std, "must be a number > 0")
         if self.bias not in BIAS_CHOICES:
@@ -168,8 +204,9 @@ class HydraLoraConfig(PeftConfig):
                 _fail("masked_experts", self.masked_experts, f"indices must lie in [0, {self.num_experts - 1}]")
             if len(set(masked)) >= self.num_experts:
                 _fail("masked_experts", self.masked_experts, "must leave at least one expert unmasked")
-        if not self.shared_a and (self.init_b != "zeros" or self.expert_dropout):
-            _fail("shared_a", self.shared_a, "init_b='rlora' and expert_dropout need the shared A (shared_a=True)")
+        if not self.shared_a and (self.init_b != "zeros" or self.init_a != "kaiming" or self.expert_dropout):
+            _fail("shared_a", self.shared_a, "a non-zero init_b, init_a='svd' and expert_dropout need the shared A "
+                  "(shared_a=True)")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             _fail("layers_to_transform", self.layers_to_transform, "cannot be used when target_modules is a regex string")
         self.masked_experts = masked

@@ -81,6 +81,8 @@ class HydraLoraLayer(BaseTunerLayer):
         self._sequence_gate: dict[str, torch.Tensor] = {}  # name -> (B, N)
         self._recording = True  # False while checkpointed segments are recomputed in backward
         self.last_aux_loss: dict[str, Optional[torch.Tensor]] = {}
+        self.last_route_loss: dict[str, Optional[torch.Tensor]] = {}
+        self._route_labels: Optional[torch.Tensor] = None  # (B,) target expert per sequence, set by the model hook
         # name -> (N + 1,) fp32 on the device: summed gate weights, then the tokens of masked calls; one tensor so
         # that the fused kernel can add both in place (hydralora.ops.fused)
         self.usage_acc: dict[str, torch.Tensor] = {}
@@ -124,6 +126,7 @@ class HydraLoraLayer(BaseTunerLayer):
         self.hydralora_router[adapter_name] = nn.Parameter(torch.empty(n, router_in))
         self.reset_parameters(adapter_name)
         self.last_aux_loss[adapter_name] = None
+        self.last_route_loss[adapter_name] = None
         self.routing_mode = config.routing
         self.fixed_gate = validate_gate(config.fixed_gate, n) if config.routing == "fixed" else None
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -133,7 +136,15 @@ class HydraLoraLayer(BaseTunerLayer):
     def reset_parameters(self, adapter_name: str) -> None:
         cfg = self.hconfig[adapter_name]
         A, B, W_g = self.hydralora_A[adapter_name], self.hydralora_B[adapter_name], self.hydralora_router[adapter_name]
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as LoRA's A
+        n, d, r = B.shape
+        svd = None
+        if cfg.init_a == "svd" or cfg.init_b == "svd":
+            svd = self._base_singular_vectors(adapter_name, r if cfg.init_b != "svd" else n * r)  # U (d, q), Vh (q, k)
+        if cfg.init_a == "svd":
+            # W0's top-r input directions, rows scaled to the norm of a Kaiming-uniform row (bound 1/sqrt(k))
+            A.copy_(svd[1][:r] * math.sqrt(1.0 / 3.0))  # (r, k)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as LoRA's A
         # Router: small init so the initial gate is close to uniform but not exactly (breaks expert symmetry).
         nn.init.kaiming_uniform_(W_g, a=math.sqrt(5))
         W_g.mul_(0.1)
@@ -142,10 +153,39 @@ class HydraLoraLayer(BaseTunerLayer):
             for key in (adapter_name + "_A", adapter_name + "_B"):
                 if key in self.hydralora_init:
                     self.hydralora_init.pop(key)
+            return
+        if cfg.init_b == "svd":
+            # Expert i on its own block of r left singular vectors (disjoint, so the B_i are orthogonal), columns
+            # scaled to the norm a N(0, init_b_std^2) column of length d has.
+            U = svd[0][:, : n * r].reshape(d, n, r).permute(1, 0, 2)  # (N, d, r)
+            B.copy_(U * (cfg.init_b_std * math.sqrt(d)))  # (N, d, r)
         else:
             nn.init.normal_(B, std=cfg.init_b_std)
-            self.hydralora_init[adapter_name + "_A"] = A.detach().clone()
-            self.hydralora_init[adapter_name + "_B"] = B.detach().clone()
+        self.hydralora_init[adapter_name + "_A"] = A.detach().clone()
+        self.hydralora_init[adapter_name + "_B"] = B.detach().clone()
+
+    def _base_singular_vectors(self, adapter_name: str, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-q singular vectors of the frozen W0 (d, k): U (d, q), Vh (q, k), fp32 on W0's device."""
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if weight is None or not torch.is_floating_point(weight) or weight.is_meta:
+            raise ValueError(
+                f"HydraLoraConfig.init_a/init_b='svd' needs the base layer's dense weight; {type(base).__name__} has "
+                f"{'none' if weight is None else 'a ' + str(weight.dtype) + ' weight on ' + str(weight.device)} "
+                "(quantized or meta weights: use init_b='rlora' or 'zeros')."
+            )
+        W = weight.detach().float()
+        W = W.T if isinstance(base, Conv1D) else W  # (d, k)
+        if q > min(W.shape):
+            raise ValueError(
+                f"HydraLoraConfig.init_b='svd' needs num_experts * r = {q} singular directions, but this layer's "
+                f"weight is {tuple(W.shape)} (at most {min(W.shape)}): lower r or num_experts, or use init_b='rlora'."
+            )
+        if q * 4 < min(W.shape):  # randomized SVD: the top q only, fast on large layers
+            U, _, V = torch.svd_lowrank(W, q=q + 8, niter=4)  # (d, q+8), (q+8,), (k, q+8)
+            return U[:, :q], V[:, :q].T
+        U, _, Vh = torch.linalg.svd(W, full_matrices=False)  # (d, m), (m,), (m, k)
+        return U[:, :q], Vh[:q]
 
     def _init_offset(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         key = adapter_name + "_A"
@@ -299,19 +339,54 @@ class HydraLoraLayer(BaseTunerLayer):
         loss is recomputed, but neither it nor the usage is stored a second time (`_recording` is False then).
         """
         cfg = self.hconfig[adapter_name]
-        aux = None
-        if self.training and cfg.balance_loss_coef > 0 and self.routing_mode == "token":
-            n = gate.shape[-1]
-            mask = self._mask_for(x)
-            probs = self._token_probs(adapter_name, logits).reshape(-1, n)  # (T', N)
-            if mask is not None:
-                probs = probs[mask.reshape(-1).bool()]
-            aux = balance_loss(probs, cfg.balance_loss, cfg.top_k)
+        aux = route = None
+        if self.training and self.routing_mode == "token":
+            if cfg.balance_loss_coef > 0:
+                n = gate.shape[-1]
+                mask = self._mask_for(x)
+                probs = self._token_probs(adapter_name, logits).reshape(-1, n)  # (T', N)
+                if mask is not None:
+                    probs = probs[mask.reshape(-1).bool()]
+                aux = balance_loss(probs, cfg.balance_loss, cfg.top_k)
+            if cfg.route_target_coef > 0 and self._route_labels is not None and x.dim() == 3:
+                route = self._route_target_loss(adapter_name, logits, x)
         if not self._recording:
             return
         self.last_aux_loss[adapter_name] = aux
+        self.last_route_loss[adapter_name] = route
         if cfg.track_usage and not counted:
             self._count_usage(adapter_name, gate, self._mask_for(x))
+
+    def _route_target_loss(self, adapter_name: str, logits: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Cross-entropy between each sequence's mean router probabilities (over its real tokens) and its target
+        expert; sequences labelled -1 are left out. logits: (B, T, N) or (B*T, N); x: (B, T, k)."""
+        labels = self._route_labels
+        b, t = x.shape[:2]
+        if labels.shape[0] != b:
+            return None
+        probs = self._token_probs(adapter_name, logits).reshape(b, t, -1)  # (B, T, N)
+        mask = self._mask_for(x)
+        w = torch.ones(b, t, device=probs.device, dtype=probs.dtype) if mask is None else mask.to(probs.dtype)  # (B, T)
+        seq = (probs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, N)
+        labels = labels.to(seq.device)
+        if not bool((labels >= 0).any()):
+            return None
+        return F.nll_loss(seq.clamp_min(1e-9).log(), labels, ignore_index=-1)  # ()
+
+    def expert_ortho_penalty(self, adapter_name: str) -> torch.Tensor:
+        """Mean squared cosine similarity over pairs of experts' flattened B_i (net of a non-zero init): 0 when the
+        experts are orthogonal, 1 when they are copies."""
+        B = self.hydralora_B[adapter_name]  # (N, d, r)
+        offset = self._init_offset(adapter_name)
+        if offset is not None:
+            B = B - offset[1].to(B.dtype)  # (N, d, r)
+        n = B.shape[0]
+        if n < 2:
+            return B.sum() * 0.0
+        u = F.normalize(B.reshape(n, -1).float(), dim=-1, eps=1e-12)  # (N, d*r)
+        gram = u @ u.T  # (N, N)
+        off = gram - torch.diag_embed(torch.diagonal(gram))  # (N, N), zero diagonal
+        return (off ** 2).sum() / (n * (n - 1))
 
     def _usage_acc_on(self, adapter_name: str, device: torch.device) -> torch.Tensor:
         """The adapter's (N + 1,) usage accumulator on `device` (a fresh one, and a fresh host count, on a move)."""

@@ -39,6 +39,10 @@ class HydraLoraModel(BaseTuner):
             self.model.register_forward_hook(self._post_forward, with_kwargs=True),
         ]
         self.aux_loss: Optional[torch.Tensor] = None
+        self.route_loss: Optional[torch.Tensor] = None  # mean routing-target loss of the last training forward
+        self.ortho_loss: Optional[torch.Tensor] = None  # mean expert-diversity penalty of the last training forward
+        # Current weight of the routing-target loss; None: each adapter's route_target_coef (a schedule sets it).
+        self.route_target_weight: Optional[float] = None
 
     # ----------------------------------------------------------------------------------------------------------
     # injection
@@ -94,6 +98,8 @@ class HydraLoraModel(BaseTuner):
         return self._layer_cache
 
     def _pre_forward(self, module, args, kwargs):
+        # Per-sequence target experts for the routing-target loss: read here, never passed on to the model.
+        route_labels = kwargs.pop("route_labels", None)
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         embeds = kwargs.get("inputs_embeds")
@@ -117,15 +123,19 @@ class HydraLoraModel(BaseTuner):
             state["_token_mask"] = token_mask
             state["_reuse_sequence_gate"] = decoding
             state["_recording"] = True
+            state["_route_labels"] = route_labels
             aux = layer.last_aux_loss
             for name in aux:
                 aux[name] = None
-        return None
+            routed = layer.last_route_loss
+            for name in routed:
+                routed[name] = None
+        return args, kwargs
 
     def _post_forward(self, module, args, kwargs, output):
         layers = self.hydra_layers()
-        terms = []
-        coef = 0.0
+        terms, routes, orthos = [], [], []
+        coef = route_coef = ortho_coef = 0.0
         for _, layer in layers:
             # A non-reentrant checkpoint recompute in backward must not count again; the token mask stays so the
             # recompute repeats the same ops.
@@ -138,15 +148,37 @@ class HydraLoraModel(BaseTuner):
                 if value is not None:
                     terms.append(value)
                     coef = layer.hconfig[name].balance_loss_coef
-        if not terms:
-            self.aux_loss = None
-            return output
-        aux = torch.stack([t.to(terms[0].device) for t in terms]).mean()  # mean over adapted layers
-        self.aux_loss = aux
+            for name, value in layer.last_route_loss.items():
+                if value is not None:
+                    routes.append(value)
+                    route_coef = layer.hconfig[name].route_target_coef
+            if torch.is_grad_enabled():
+                for name in layer.last_aux_loss:  # the adapters the layer holds
+                    cfg = layer.hconfig[name]
+                    if cfg.expert_ortho_coef > 0 and layer.hydralora_B[name].requires_grad:
+                        orthos.append(layer.expert_ortho_penalty(name))
+                        ortho_coef = cfg.expert_ortho_coef
         loss = getattr(output, "loss", None)
-        if loss is not None and coef > 0:
-            output.loss = loss + coef * aux.to(loss.dtype)
+        self.aux_loss = self._mean(terms)
+        if self.aux_loss is not None and loss is not None and coef > 0:
+            loss = loss + coef * self.aux_loss.to(loss.dtype)
+        self.route_loss = self._mean(routes)
+        weight = route_coef if self.route_target_weight is None else self.route_target_weight
+        if self.route_loss is not None and loss is not None and weight > 0:
+            loss = loss + weight * self.route_loss.to(loss.dtype)
+        self.ortho_loss = self._mean(orthos)
+        if self.ortho_loss is not None and loss is not None:
+            loss = loss + ortho_coef * self.ortho_loss.to(loss.dtype)
+        if loss is not None:
+            output.loss = loss
         return output
+
+    @staticmethod
+    def _mean(terms: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The mean over adapted layers of one per-layer loss, or None where no layer produced it."""
+        if not terms:
+            return None
+        return torch.stack([t.to(terms[0].device) for t in terms]).mean()
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         for handle in self._hydra_hooks:
