@@ -1,16 +1,18 @@
-"""The paper's comparisons at small scale (issue 6): every method x seed as one `hydralora train` process.
+"""The study's runs: every configuration x seed as one `hydralora train` process, side by side on one GPU.
 
-Runs are independent processes started side by side on one GPU (the 135M model leaves it mostly idle), so the
-whole study fits a short budget; each run writes its own run directory, so an interrupted study resumes by
-skipping runs whose metrics.json exists. Raw results land in OUT/<part>/<config>/seed<k>/metrics.json.
+Runs are independent processes started side by side (the 135M model leaves a GPU mostly idle), so the whole
+study fits a short budget; each run writes its own run directory, so an interrupted study resumes by skipping
+runs whose metrics.json exists. Raw results land in OUT/<part>/<config>/seed<k>/metrics.json.
 
-    python studies/run_study.py --out results/study --part main --workers 5
-    python studies/run_study.py --out results/study --part sweep --workers 5
+    python studies/run_study.py --out results/quality/DATE --part select final mechanisms auto-twin --workers 9
+    python studies/run_study.py --list                  # every configuration with its trainable parameters
+    python studies/run_study.py --out results/study --part main sweep --workers 12   # the paper's tables
     python studies/run_study.py --out results/study --part obs2 --workers 5
-    python studies/run_study.py --out results/study --part main sweep --workers 12   # one pool; 2 GPUs: 6 runs on each
 
-On a host with several GPUs each run gets one (CUDA_VISIBLE_DEVICES, round-robin over the worker slots), so the
-side-by-side runs spread evenly over the cards.
+Parts run in one pool, in the order given; a part whose configurations depend on another's results (`final` on
+`select`, see studies/quality.py) starts when that part has finished, and workers meanwhile take later parts' runs.
+A run that dies of CUDA out-of-memory (too many side by side) is put aside and rerun when a worker is free (the
+log says so). On a host with several GPUs each run gets one (CUDA_VISIBLE_DEVICES, round-robin over the slots).
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
+import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
-# The study's mixture: 12 BBH-source BIG-bench tasks (10 multiple choice, 2 generative), up to 300 train and
-# 60 held-out test examples each, built with `hydralora data bigbench` (the command is in studies/data/NOTICE).
-STUDY_DATA = Path(__file__).resolve().parent / "data" / "bbh12.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import STUDY_DATA, WorkerSlots, fit_workers, ran_out_of_memory, train_command  # noqa: E402
+import quality  # noqa: E402
+
 # The same data, target modules, steps, learning rate and data order (seed) for every method. The prompts are
 # short (67 tokens on average), so a SmolLM2 step is bound by kernel launches, not arithmetic: 150 steps of 64
 # sequences (2.9 epochs, as the recipe's 600 x 16) cost about a quarter of the time; the learning rate follows the
@@ -63,52 +65,20 @@ PARTS = {
         "lora-r8-loraplus16": {"method": "lora", "r": 8, "lora_alpha": 16, "loraplus_lr_ratio": 16},
     },
 }
-BASE_EVAL = ("main", "lora-r8", 0)  # the base model is scored once, in this run
+# The fair comparison (studies/quality.py): a validation set carved from the training split in every run.
+QUALITY = {"validation_per_task": quality.VALIDATION_PER_TASK}
+PARTS.update({
+    "select": quality.select_part(),
+    "mechanisms": quality.mechanism_part(),
+    "auto-twin": quality.auto_twin_part(),
+    "final": {},  # hydralora-best, lora-matched, lora-r8: chosen from `select` on validation (quality.select_configs)
+})
+PART_EXTRA = {"select": QUALITY, "mechanisms": QUALITY, "auto-twin": QUALITY, "final": QUALITY}
+PART_SEEDS = {"select": [0], "mechanisms": [1, 2]}  # other parts: --seeds
+DEPENDS = {"final": "select"}
+BASE_EVAL = {("main", "lora-r8", 0), ("select", "lora-r8-lr1e-3", 0)}  # the base model is scored once per study
 EXTRA_ROUTINGS = ("hydralora-auto",)  # also scored under sequence and fixed-'mean' routing
-
-
-def train_command(run_dir: Path, sets: dict) -> list[str]:
-    """`hydralora train` into run_dir with every recipe field of `sets` as --set KEY=VALUE (JSON for non-strings)."""
-    cmd = [sys.executable, "-m", "hydralora.cli", "train", "--output-dir", str(run_dir)]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
-    return cmd
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (none without torch or a driver)."""
-    try:
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # no torch / no driver
-        return []
-    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return listed[:n] if listed else [str(i) for i in range(n)]
-
-
-class WorkerSlots:
-    """One environment per side-by-side run: the CPU cores split among the workers (each torch process would
-    otherwise take them all) and, on a host with several GPUs, one GPU per slot, round-robin. A job holds a slot
-    while it runs, so every GPU carries the same number of runs at any time."""
-
-    def __init__(self, workers: int, gpus: list[str] | None = None):
-        gpus = visible_gpus() if gpus is None else gpus
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        self._free: queue.Queue = queue.Queue()
-        for i in range(workers):
-            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-            if len(gpus) > 1:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            self._free.put(env)
-
-    @contextmanager
-    def env(self):
-        env = self._free.get()
-        try:
-            yield env
-        finally:
-            self._free.put(env)
+MAX_OOM_RETRIES = 3
 
 
 def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, extra: dict | None = None,
@@ -123,7 +93,8 @@ def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, ex
         if Path(str(run_dir) + ".log").exists():
             Path(str(run_dir) + ".log").rename(str(aside) + ".log")
         log(f"{part}/{name}/seed{seed}: unfinished folder moved to {aside.name}")
-    sets = {**COMMON, **overrides, "seed": seed, "eval_base": (part, name, seed) == BASE_EVAL, "report": True, **(extra or {})}
+    sets = {**COMMON, **PART_EXTRA.get(part, {}), **overrides, "seed": seed,
+            "eval_base": (part, name, seed) in BASE_EVAL, "report": True, **(extra or {})}
     cmd = train_command(run_dir, sets)
     t = time.time()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -131,71 +102,185 @@ def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, ex
         with open(str(run_dir) + ".log", "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         result = {"run": str(run_dir), "rc": rc, "seconds": round(time.time() - t, 1)}
+        if rc != 0 and ran_out_of_memory(Path(str(run_dir) + ".log")):
+            result["oom"] = True
         if rc == 0 and name in EXTRA_ROUTINGS:
             for routing in ("sequence", "fixed"):
                 subprocess.run([sys.executable, "-m", "hydralora.cli", "eval", "--adapter", str(run_dir / "adapter"),
                                 "--routing", routing, "--gate", "mean", "--no-base", "--batch-size", str(sets["eval_batch_size"]),
                                 "--out", str(run_dir / f"eval_{routing}.json")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    log(f"{part}/{name}/seed{seed}: rc={rc} in {result['seconds']} s")
+    log(f"{part}/{name}/seed{seed}: rc={rc}{' (CUDA out of memory)' if result.get('oom') else ''} in {result['seconds']} s")
     return result
 
 
-GIB_PER_RUN = 14  # a run at 32 sequences per micro-batch: about half the 24 GiB measured at 64
+def resolve_final(out: Path, log) -> dict[str, dict]:
+    """`final`'s configurations from the finished `select` runs; writes OUT/selection.json. Seed 0 of each is the
+    select run itself, copied (it was trained and tested exactly so)."""
+    chosen = quality.select_configs(out / "select", PARTS["select"])
+    (out / "selection.json").write_text(json.dumps(chosen, indent=1))
+    for name, pick in chosen.items():
+        log(f"final/{name}: {pick['from']} (validation {pick['validation']:.3f})")
+        src, dst = out / "select" / pick["from"] / "seed0", out / "final" / name / "seed0"
+        if not dst.exists() and (src / "metrics.json").is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    return {name: pick["config"] for name, pick in chosen.items()}
 
 
-def _fit_workers(workers: int) -> int:
-    """Cap the side-by-side runs to what the GPUs' memory holds (the first study call OOMed at 11 on one H100)."""
-    try:
-        import torch
+class Scheduler:
+    """Jobs in priority order; a job is ready once the part it depends on has no job left queued or running.
+    Workers take the first ready job, so a part waiting on another leaves the workers to later parts."""
 
-        gpus = len(visible_gpus())
-        if not gpus:
-            return workers
-        fit = gpus * max(1, int(torch.cuda.get_device_properties(0).total_memory / 2**30 // GIB_PER_RUN))
-    except Exception:  # no torch / no driver: leave the request as it is
-        return workers
-    if workers > fit:
-        print(f"--workers {workers} does not fit {gpus} GPU(s) ({GIB_PER_RUN} GiB per run): running {fit} at a time", flush=True)
-    return min(workers, fit)
+    def __init__(self, out: Path, parts: list[str], seeds: list[int], only, extra: dict, slots: WorkerSlots, log):
+        self.out, self.parts, self.only, self.extra, self.slots, self.log = out, parts, only, extra, slots, log
+        self.seeds = seeds
+        self.queue: list[tuple] = []
+        self.running: dict[str, int] = {p: 0 for p in parts}
+        self.retries: dict[tuple, int] = {}
+        self.results: list[tuple[tuple, dict]] = []
+        self.resolved: set[str] = set()
+        self.cv = threading.Condition()
+        for part in parts:
+            if part not in DEPENDS:
+                self._enqueue(part, PARTS[part])
+
+    def _enqueue(self, part: str, configs: dict) -> None:
+        # seed-major: a study cut short leaves every config of a part with the same number of seeds
+        for s in PART_SEEDS.get(part, self.seeds):
+            for name, ov in configs.items():
+                if not self.only or name in self.only:
+                    self.queue.append((part, name, ov, s))
+        self.resolved.add(part)
+
+    def _pending(self, part: str) -> bool:
+        return part not in self.resolved or self.running[part] > 0 or any(j[0] == part for j in self.queue)
+
+    def _release_dependents(self) -> None:
+        for part in self.parts:
+            dep = DEPENDS.get(part)
+            if part not in self.resolved and dep is not None and not self._pending(dep):
+                try:
+                    self._enqueue(part, resolve_final(self.out, self.log))
+                except ValueError as err:
+                    self.log(f"{part}: not run ({err})")
+                    self.resolved.add(part)
+        # keep the queue in the order of the parts given
+        self.queue.sort(key=lambda j: self.parts.index(j[0]))
+
+    def _take(self):
+        with self.cv:
+            while True:
+                self._release_dependents()
+                if self.queue:
+                    job = self.queue.pop(0)
+                    self.running[job[0]] += 1
+                    return job
+                if all(not self._pending(p) for p in self.parts):
+                    self.cv.notify_all()
+                    return None
+                self.cv.wait(timeout=5)
+
+    def worker(self) -> None:
+        while (job := self._take()) is not None:
+            part, name, ov, seed = job
+            result = run_one(self.out, part, name, ov, seed, self.log, self.extra, self.slots)
+            with self.cv:
+                self.running[part] -= 1
+                key = (part, name, seed)
+                if result.get("oom") and self.retries.get(key, 0) < MAX_OOM_RETRIES:
+                    self.retries[key] = self.retries.get(key, 0) + 1
+                    self.log(f"{part}/{name}/seed{seed}: CUDA out of memory beside the other runs; queued again "
+                             f"(retry {self.retries[key]} of {MAX_OOM_RETRIES})")
+                    self.queue.insert(0, job)
+                else:
+                    self.results.append((job, result))
+                self.cv.notify_all()
+
+    def run(self, workers: int) -> list[tuple[tuple, dict]]:
+        threads = [threading.Thread(target=self.worker, daemon=True) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return self.results
+
+
+def list_params(model: str, parts: list[str]) -> None:
+    """Print every configuration of `parts` with its trainable parameters, counted on `model` (N='auto' is
+    counted at the N that auto-N chose on the study mixture, 10)."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hydralora.models import resolve_model_path
+    from hydralora.recipes.config import build_spec
+    from hydralora.recipes.methods import build_model
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+    print(f"{'part':<11} {'config':<42} {'method':<10} {'r':>3} {'N':>4} {'trainable':>12}")
+    for part in parts:
+        configs = PARTS[part] or {"hydralora-best / lora-matched / lora-r8": {"method": "-", "r": "-"}}
+        for name, ov in configs.items():
+            if ov["method"] == "-":
+                print(f"{part:<11} {name:<42} (chosen from select on validation)")
+                continue
+            spec = build_spec({**COMMON, **ov, "model": model})
+            adapter = dict(spec.adapter)
+            if adapter.get("num_experts") == "auto":
+                adapter["num_experts"] = 10
+            peft_model = build_model(copy.deepcopy(base), spec.train.method, adapter)
+            trainable, _ = peft_model.get_nb_trainable_parameters()
+            n = adapter.get("num_experts") if spec.train.method != "lora" else "-"
+            print(f"{part:<11} {name:<42} {spec.train.method:<10} {adapter['r']:>3} {n!s:>4} {trainable:>12,}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/study")
-    ap.add_argument("--part", nargs="+", choices=sorted(PARTS) + ["obs2"], required=True,
-                    help="Parts to run; several parts of the table share one pool of workers (obs2 runs on its own).")
+    ap.add_argument("--part", nargs="+", choices=sorted(PARTS) + ["obs2"],
+                    help="Parts to run, in this order, in one pool of workers (obs2 runs on its own).")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=5,
-                    help="Runs side by side on the GPU; each SmolLM2 run peaks at 8-12 GiB (capped to fit the card).")
+                    help="Runs side by side on the GPU; each SmolLM2 run peaks at 8-14 GiB (capped to the free memory).")
     ap.add_argument("--only", nargs="*", help="Run only these config names.")
     ap.add_argument("--iid-task", help="obs2: the task split into two IID halves (default: sports_understanding).")
+    ap.add_argument("--list", action="store_true", help="Print the configurations of --part (default: all) with "
+                    "their trainable parameters and exit.")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Override a recipe field in every run (e.g. model=..., max_steps=...; used by the toy test).")
     args = ap.parse_args()
+    extra = dict(item.split("=", 1) for item in args.set)
+    if args.list:
+        list_params(extra.get("model", "smollm2"), [p for p in (args.part or PARTS) if p != "obs2"])
+        return 0
+    if not args.part:
+        ap.error("--part is required (or --list)")
     if "obs2" in args.part and len(args.part) > 1:
         ap.error(f"--part obs2 runs on its own, not with {[p for p in args.part if p != 'obs2']}")
-    args.workers = _fit_workers(args.workers)
+    for part in args.part:
+        if DEPENDS.get(part) and DEPENDS[part] not in args.part and not (Path(args.out) / DEPENDS[part]).is_dir():
+            ap.error(f"--part {part} needs the results of part {DEPENDS[part]}: run it first or together")
+    args.workers = fit_workers(args.workers)
     slots = WorkerSlots(args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    extra = dict(item.split("=", 1) for item in args.set)
     if args.part == ["obs2"]:
         from observation2 import run_observation2
 
         run_observation2(out / "obs2", workers=args.workers, extra=extra, slots=slots,
                          **({"iid_task": args.iid_task} if args.iid_task else {}))
         return 0
-    # Part by part, seed-major: a study cut short leaves every config of a part with the same number of seeds.
-    jobs = [(part, name, ov, s) for part in args.part for s in args.seeds for name, ov in PARTS[part].items()
-            if not args.only or name in args.only]
     t0 = time.time()
-    with ThreadPoolExecutor(args.workers) as pool:
-        results = list(pool.map(lambda j: run_one(out, *j, lambda m: print(m, flush=True), extra, slots), jobs))
+    log = lambda m: print(f"[{time.time() - t0:6.0f} s] {m}", flush=True)  # noqa: E731
+    sched = Scheduler(out, args.part, args.seeds, args.only, extra, slots, log)
+    results = sched.run(args.workers)
     for part in args.part:
-        runs = [r for r, j in zip(results, jobs) if j[0] == part]
+        runs = [r for j, r in results if j[0] == part]
         (out / f"{part}_runs.json").write_text(json.dumps({"seconds": time.time() - t0, "runs": runs}, indent=1))
-    failed = [r for r in results if r.get("rc", 0) != 0]
+    failed = [r for _, r in results if r.get("rc", 0) != 0]
     print(f"{len(results)} runs, {len(failed)} failed, {time.time() - t0:.0f} s")
     return 1 if failed else 0
 

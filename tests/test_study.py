@@ -156,3 +156,55 @@ def test_paired_comparison_applies_the_spread_rule():
     assert not out["mixed"]["real"]  # seeds on both sides
     assert not out["small"]["real"]  # every seed above, but by less than the spread over seeds
     assert paired(data, "absent") == {}
+
+
+def test_select_then_final_picks_on_validation_and_reuses_seed0(toy, tmp_path):
+    out = tmp_path / "q"
+    sets = [f"model={toy / 'model'}", f"data={toy / 'mix.jsonl'}", "max_steps=2", "schedule=cpu", "device=cpu",
+            "max_seq_length=32", "max_new_tokens=2", "eval_max_per_task=3", "report=false", "validation_per_task=2",
+            "target_modules=all-linear"]
+    only = ["lora-r8-lr1e-3", "lora-r18-lr1e-3", "hydralora-n3-lr1e-3", "hydralora-best", "lora-matched", "lora-r8"]
+    cmd = [sys.executable, str(STUDIES / "run_study.py"), "--out", str(out), "--part", "select", "final",
+           "--seeds", "0", "1", "--workers", "2", "--only", *only]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    chosen = json.loads((out / "selection.json").read_text())
+    assert chosen["hydralora-best"]["from"] == "hydralora-n3-lr1e-3"
+    assert chosen["lora-matched"]["from"] == "lora-r18-lr1e-3" and chosen["lora-r8"]["from"] == "lora-r8-lr1e-3"
+    for name in ("hydralora-best", "lora-matched", "lora-r8"):
+        seed0 = json.loads((out / "final" / name / "seed0" / "metrics.json").read_text())
+        picked = json.loads((out / "select" / chosen[name]["from"] / "seed0" / "metrics.json").read_text())
+        assert seed0["validation"] == picked["validation"] and seed0["seed"] == 0
+        assert json.loads((out / "final" / name / "seed1" / "metrics.json").read_text())["seed"] == 1
+    assert not (out / "select" / "lora-r8-lr1e-3" / "seed1").exists()  # select runs one seed
+
+
+def test_a_run_that_ran_out_of_gpu_memory_is_queued_again(tmp_path, monkeypatch):
+    sys.path.insert(0, str(STUDIES))
+    import run_study
+
+    calls = []
+
+    def fake_run_one(out, part, name, ov, seed, log, extra=None, slots=None):
+        calls.append((part, name, seed))
+        oom = calls.count((part, name, seed)) == 1 and name == "lora-r8"
+        return {"run": name, "rc": 1 if oom else 0, **({"oom": True} if oom else {})}
+
+    monkeypatch.setattr(run_study, "run_one", fake_run_one)
+    logs = []
+    sched = run_study.Scheduler(tmp_path, ["main"], [0], ["lora-r8", "lora-r16"], {}, run_study.WorkerSlots(1, []), logs.append)
+    results = sched.run(2)
+    assert calls.count(("main", "lora-r8", 0)) == 2 and all(r["rc"] == 0 for _, r in results) and len(results) == 2
+    assert any("out of memory" in m and "queued again" in m for m in logs)
+
+
+def test_matched_twin_ranks_hold_at_least_hydralora_parameters():
+    sys.path.insert(0, str(STUDIES))
+    import quality
+
+    assert quality.LORA_PARAMS_PER_RANK * quality.MATCHED_RANK >= quality.HYDRA_R8_N3_PARAMS
+    assert quality.LORA_PARAMS_PER_RANK * (quality.MATCHED_RANK - 1) < quality.HYDRA_R8_N3_PARAMS
+    auto_n10 = 15_137_280  # HydraLoRA r=8, N=10 on SmolLM2 all-linear
+    assert quality.LORA_PARAMS_PER_RANK * (quality.AUTO_TWIN_RANK - 1) < auto_n10 <= quality.LORA_PARAMS_PER_RANK * quality.AUTO_TWIN_RANK

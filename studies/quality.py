@@ -1,0 +1,102 @@
+"""The fair comparison of HydraLoRA against LoRA: configurations, twins at matched parameters, and the rule
+that picks `hydralora-best` and its twin on validation data (never on the test split).
+
+Every run holds out `validation_per_task` training examples per task as a validation set (the same carve for every
+run of a seed), trains on the rest and scores both the validation set and the test split. Part `select` runs each
+candidate once (seed 0); `select_configs` then takes, on mean validation accuracy:
+  hydralora-best -- the best HydraLoRA candidate (any mechanism, any learning rate);
+  lora-matched   -- the best LoRA twin with at least hydralora-best's trainable parameters and its LoRA+ setting;
+  lora-r8        -- the best LoRA r=8 (its own learning rate).
+Part `final` runs those three with seeds 0, 1, 2 (seed 0 is the select run itself) and reports test accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# SmolLM2-135M, all linear layers of the decoder: trainable parameters per unit of LoRA rank (30 layers x
+# (q 576+576, k 576+192, v 576+192, o 576+576, gate 576+1536, up 576+1536, down 1536+576)) and HydraLoRA r=8, N=3's
+# count (A 8 x k, B_i d x 8, router 3 x k per layer). `python studies/run_study.py --list` prints them all,
+# counted on the model.
+LORA_PARAMS_PER_RANK = 305_280
+HYDRA_R8_N3_PARAMS = 5_379_840
+MATCHED_RANK = 18  # the smallest LoRA rank with at least HydraLoRA r=8, N=3's parameters (5.49 M >= 5.38 M)
+AUTO_TWIN_RANK = 50  # the same for HydraLoRA r=8 with N=10 experts (auto-N on the study mixture): 15.26 M >= 15.14 M
+
+LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+MECHANISM_LR = 3e-3  # the sweep's middle value: mechanisms are compared with each other at one learning rate
+VALIDATION_PER_TASK = 20
+
+HYDRA = {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": 3}
+LORA_R8 = {"method": "lora", "r": 8, "lora_alpha": 16}
+LORA_MATCHED = {"method": "lora", "r": MATCHED_RANK, "lora_alpha": 2 * MATCHED_RANK}
+# What breaks the experts' symmetry, each on HydraLoRA r=8, N=3.
+MECHANISMS = {
+    "svd-init": {"init_b": "svd", "init_a": "svd"},  # experts in disjoint singular subspaces of W0
+    "route-warm": {"route_target_coef": 1.0, "route_target_ratio": 0.3},  # expert i starts on K-means cluster i
+    "ortho": {"expert_ortho_coef": 0.1},  # B_i pushed apart
+    "temp0.1": {"router_temperature": 0.1},  # sharper router
+    "top2": {"top_k": 2},  # sparse router
+    "route-warm-svd-temp": {"route_target_coef": 1.0, "route_target_ratio": 0.3, "init_b": "svd", "init_a": "svd",
+                            "router_temperature": 0.1},
+}
+
+
+def _lr_name(lr: float) -> str:
+    return f"lr{lr:.0e}".replace("e-0", "e-")
+
+
+def select_part() -> dict[str, dict]:
+    """The candidates, one seed each: both LoRAs and HydraLoRA over the learning rates, the mechanisms at one,
+    and LoRA+ (B at 16x) on HydraLoRA and its twin."""
+    part: dict[str, dict] = {}
+    for lr in LEARNING_RATES:
+        part[f"lora-r8-{_lr_name(lr)}"] = {**LORA_R8, "learning_rate": lr}
+        part[f"lora-r{MATCHED_RANK}-{_lr_name(lr)}"] = {**LORA_MATCHED, "learning_rate": lr}
+        part[f"hydralora-n3-{_lr_name(lr)}"] = {**HYDRA, "learning_rate": lr}
+    for name, over in MECHANISMS.items():
+        part[f"hydralora-n3-{name}-{_lr_name(MECHANISM_LR)}"] = {**HYDRA, **over, "learning_rate": MECHANISM_LR}
+    part[f"hydralora-n3-loraplus16-{_lr_name(1e-3)}"] = {**HYDRA, "loraplus_lr_ratio": 16, "learning_rate": 1e-3}
+    part[f"lora-r{MATCHED_RANK}-loraplus16-{_lr_name(1e-3)}"] = {**LORA_MATCHED, "loraplus_lr_ratio": 16, "learning_rate": 1e-3}
+    return part
+
+
+def mechanism_part() -> dict[str, dict]:
+    """Every mechanism again (seeds 1 and 2; seed 0 ran in `select`)."""
+    return {k: v for k, v in select_part().items() if any(f"-{m}-" in k for m in MECHANISMS)}
+
+
+def auto_twin_part() -> dict[str, dict]:
+    """The auto-N HydraLoRA (N=10) of the earlier study against its own LoRA twin, both at the earlier 1e-3."""
+    return {f"hydralora-auto-{_lr_name(1e-3)}": {**HYDRA, "num_experts": "auto", "learning_rate": 1e-3},
+            f"lora-r{AUTO_TWIN_RANK}-{_lr_name(1e-3)}": {"method": "lora", "r": AUTO_TWIN_RANK,
+                                                          "lora_alpha": 2 * AUTO_TWIN_RANK, "learning_rate": 1e-3}}
+
+
+def validation_score(run_dir: Path) -> float | None:
+    m = run_dir / "metrics.json"
+    if not m.is_file():
+        return None
+    metrics = json.loads(m.read_text())
+    return metrics.get("validation", {}).get("mean_accuracy")
+
+
+def select_configs(select_dir: Path, candidates: dict[str, dict]) -> dict:
+    """The three named configurations from the `select` runs' validation accuracy (see the module docstring):
+    {name: {"from": candidate, "config": overrides, "validation": score}}."""
+    scores = {n: validation_score(select_dir / n / "seed0") for n in candidates}
+    scores = {n: s for n, s in scores.items() if s is not None}
+
+    def best(pred):
+        pool = [n for n in scores if pred(n, candidates[n])]
+        if not pool:
+            raise ValueError(f"no finished select run matches; finished: {sorted(scores)}")
+        return max(pool, key=lambda n: (scores[n], n))
+
+    hydra = best(lambda n, c: c["method"] == "hydralora")
+    ratio = candidates[hydra].get("loraplus_lr_ratio")
+    twin = best(lambda n, c: c["method"] == "lora" and c["r"] >= MATCHED_RANK and c.get("loraplus_lr_ratio") == ratio)
+    r8 = best(lambda n, c: c["method"] == "lora" and c["r"] == 8 and c.get("loraplus_lr_ratio") is None)
+    return {name: {"from": pick, "config": candidates[pick], "validation": scores[pick]}
+            for name, pick in (("hydralora-best", hydra), ("lora-matched", twin), ("lora-r8", r8))}
