@@ -76,6 +76,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = {"data": str(STUDY_DATA), "method": "hydralora", "num_experts": "auto", "r": 8, "lora_alpha": 16,
               "target_modules": "all-linear", "learning_rate": 1e-3, "eval_base": False, "report": False,
+              "loraplus_lr_ratio": None, "router_temperature": 1.0,
               "seed": args.seed, **dict(s.split("=", 1) for s in args.set)}
     chosen = {i: label for i, label in enumerate(VARIANTS) if args.only is None or i in args.only}
 

@@ -50,7 +50,7 @@ def _train(out: Path, name: str, data: Path, extra: dict, slots) -> int:
     cmd = train_command(run, {"data": str(data), "method": "lora", "seed": SEED, "schedule": "gpu", "max_steps": STEPS,
                               "r": 8, "lora_alpha": 16, "target_modules": "all-linear", "learning_rate": 1e-3,
                               "per_device_batch_size": 32, "gradient_accumulation_steps": 2, "save_steps": 10_000, "eval_batch_size": 64, "eval_base": "false",
-                              "report": "false", "eval_max_per_task": 10, **extra})
+                              "report": "false", "eval_max_per_task": 10, "loraplus_lr_ratio": None, **extra})
     run.parent.mkdir(parents=True, exist_ok=True)
     with slots.env() as env, open(str(run) + ".log", "w") as f:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode

@@ -43,6 +43,19 @@ MECHANISMS = {
 }
 
 
+# What `select_configs` chose from the study's select runs (results/quality/2026-12-04/selection.json), fixed here so
+# the comparison reruns by name (`--part best`) and ships as presets (configs/hydralora-best.yaml,
+# configs/lora-matched.yaml).
+HYDRALORA_BEST = {**HYDRA, **MECHANISMS["route-warm-svd-temp"], "learning_rate": 3e-3}
+LORA_MATCHED_BEST = {**LORA_MATCHED, "learning_rate": 3e-3}
+LORA_R8_BEST = {**LORA_R8, "learning_rate": 3e-3}
+
+
+def best_part() -> dict[str, dict]:
+    """The three named configurations of the final comparison, as chosen on validation."""
+    return {"hydralora-best": HYDRALORA_BEST, "lora-matched": LORA_MATCHED_BEST, "lora-r8": LORA_R8_BEST}
+
+
 def _lr_name(lr: float) -> str:
     return f"lr{lr:.0e}".replace("e-0", "e-")
 
@@ -72,6 +85,27 @@ def auto_twin_part() -> dict[str, dict]:
     return {f"hydralora-auto-{_lr_name(1e-3)}": {**HYDRA, "num_experts": "auto", "learning_rate": 1e-3},
             f"lora-r{AUTO_TWIN_RANK}-{_lr_name(1e-3)}": {"method": "lora", "r": AUTO_TWIN_RANK,
                                                           "lora_alpha": 2 * AUTO_TWIN_RANK, "learning_rate": 1e-3}}
+
+
+# The default recipe's short CPU schedule (140 steps of 8, 24 test examples per task, fp32), run where it is
+# fast, to choose the recipe's settings on a validation set carved from the bundled training split.
+RECIPE_SCHEDULE = {"data": "bundled", "schedule": "cpu", "per_device_batch_size": 8, "gradient_accumulation_steps": 1,
+                   "max_steps": 140, "max_seq_length": 192, "eval_max_per_task": 24, "eval_batch_size": 32,
+                   "bf16": False, "validation_per_task": 16, "num_experts": "auto", "method": "hydralora", "r": 8,
+                   "lora_alpha": 16}
+RECIPE_CANDIDATES = {
+    "recipe-lr1e-3": {"learning_rate": 1e-3},
+    "recipe-lr3e-3": {"learning_rate": 3e-3},
+    "recipe-loraplus16-lr5e-4": {"learning_rate": 5e-4, "loraplus_lr_ratio": 16},
+    "recipe-loraplus16-lr1e-3": {"learning_rate": 1e-3, "loraplus_lr_ratio": 16},
+    "recipe-loraplus16-route-warm-lr1e-3": {"learning_rate": 1e-3, "loraplus_lr_ratio": 16, "route_target_coef": 1.0},
+    "recipe-loraplus16-temp0.1-lr1e-3": {"learning_rate": 1e-3, "loraplus_lr_ratio": 16, "router_temperature": 0.1},
+}
+
+
+def recipe_part() -> dict[str, dict]:
+    """Candidate settings for the default recipe, at its CPU schedule, one seed each."""
+    return {name: {**RECIPE_SCHEDULE, **over} for name, over in RECIPE_CANDIDATES.items()}
 
 
 def validation_score(run_dir: Path) -> float | None:

@@ -39,7 +39,7 @@ import quality  # noqa: E402
 # by side ran an H100 out of memory. No intermediate checkpoints.
 COMMON = {"data": str(STUDY_DATA), "target_modules": "all-linear", "lora_dropout": 0.05, "learning_rate": 1e-3,
           "schedule": "gpu", "per_device_batch_size": 32, "gradient_accumulation_steps": 2, "max_steps": 150,
-          "eval_batch_size": 64, "save_steps": 10_000}
+          "eval_batch_size": 64, "save_steps": 10_000, "loraplus_lr_ratio": None, "router_temperature": 1.0}
 PARTS = {
     # Table 3 / Table 5 of the paper: baselines, HydraLoRA with N from the corpus, and its ablations.
     "main": {
@@ -71,12 +71,14 @@ PARTS.update({
     "select": quality.select_part(),
     "mechanisms": quality.mechanism_part(),
     "auto-twin": quality.auto_twin_part(),
+    "recipe": quality.recipe_part(),
+    "best": quality.best_part(),  # the final comparison by name, without re-running select
     "final": {},  # hydralora-best, lora-matched, lora-r8: chosen from `select` on validation (quality.select_configs)
 })
-PART_EXTRA = {"select": QUALITY, "mechanisms": QUALITY, "auto-twin": QUALITY, "final": QUALITY}
-PART_SEEDS = {"select": [0], "mechanisms": [1, 2]}  # other parts: --seeds
+PART_EXTRA = {"select": QUALITY, "mechanisms": QUALITY, "auto-twin": QUALITY, "final": QUALITY, "best": QUALITY}
+PART_SEEDS = {"select": [0], "mechanisms": [1, 2], "recipe": [0]}  # other parts: --seeds
 DEPENDS = {"final": "select"}
-BASE_EVAL = {("main", "lora-r8", 0), ("select", "lora-r8-lr1e-3", 0)}  # the base model is scored once per study
+BASE_EVAL = {("main", "lora-r8", 0), ("select", "lora-r8-lr1e-3", 0), ("recipe", "recipe-lr1e-3", 0)}  # the base model is scored once per study
 EXTRA_ROUTINGS = ("hydralora-auto",)  # also scored under sequence and fixed-'mean' routing
 MAX_OOM_RETRIES = 3
 
@@ -154,6 +156,8 @@ class Scheduler:
         self.resolved.add(part)
 
     def _pending(self, part: str) -> bool:
+        if part not in self.parts:  # a part run earlier (its results on disk), not in this call
+            return False
         return part not in self.resolved or self.running[part] > 0 or any(j[0] == part for j in self.queue)
 
     def _release_dependents(self) -> None:
@@ -231,6 +235,7 @@ def list_params(model: str, parts: list[str]) -> None:
             adapter = dict(spec.adapter)
             if adapter.get("num_experts") == "auto":
                 adapter["num_experts"] = 10
+            adapter.update(init_b="zeros", init_a="kaiming")  # the count does not depend on the init (meta weights)
             peft_model = build_model(copy.deepcopy(base), spec.train.method, adapter)
             trainable, _ = peft_model.get_nb_trainable_parameters()
             n = adapter.get("num_experts") if spec.train.method != "lora" else "-"

@@ -208,3 +208,16 @@ def test_matched_twin_ranks_hold_at_least_hydralora_parameters():
     assert quality.LORA_PARAMS_PER_RANK * (quality.MATCHED_RANK - 1) < quality.HYDRA_R8_N3_PARAMS
     auto_n10 = 15_137_280  # HydraLoRA r=8, N=10 on SmolLM2 all-linear
     assert quality.LORA_PARAMS_PER_RANK * (quality.AUTO_TWIN_RANK - 1) < auto_n10 <= quality.LORA_PARAMS_PER_RANK * quality.AUTO_TWIN_RANK
+
+
+def test_shipped_presets_are_the_study_named_configurations():
+    sys.path.insert(0, str(STUDIES))
+    import quality
+    from hydralora.recipes.config import build_spec
+
+    root = STUDIES.parent / "configs"
+    for preset, named in (("hydralora-best.yaml", quality.HYDRALORA_BEST), ("lora-matched.yaml", quality.LORA_MATCHED_BEST)):
+        spec = build_spec(config_file=str(root / preset)).to_dict()
+        for key, value in named.items():
+            assert spec[key] == value, (preset, key)
+        assert spec["validation_per_task"] == quality.VALIDATION_PER_TASK

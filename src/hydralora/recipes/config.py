@@ -41,7 +41,7 @@ class TrainConfig:
     max_steps: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (None: schedule)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear warm-up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    loraplus_lr_ratio: Optional[float] = field(default=None, metadata={"help": "LoRA+: B (for HydraLoRA every expert's B) learns at this multiple of learning_rate (peft.optimizers.create_loraplus_optimizer); None: one learning rate."})
+    loraplus_lr_ratio: Optional[float] = field(default=16.0, metadata={"help": "LoRA+: B (for HydraLoRA every expert's B, for LoRA its B) learns at this multiple of learning_rate (peft.optimizers.create_loraplus_optimizer); null: one learning rate for all."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
     max_seq_length: Optional[int] = field(default=None, metadata={"help": "Tokens per example; the prompt is cut from the left."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data order and dropout."})
@@ -77,9 +77,11 @@ class RunSpec:
         return {**dataclasses.asdict(self.train), **self.adapter}
 
 
+# The recipe's adapter defaults: a sharper router than the library's (temperature 0.1 breaks the experts' symmetry;
+# docs/results.md), N from the corpus, every linear layer.
 DEFAULT_ADAPTER = {
     "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "num_experts": "auto", "target_modules": "all-linear",
-    "balance_loss_coef": 0.0,
+    "balance_loss_coef": 0.0, "router_temperature": 0.1,
 }
 
 
