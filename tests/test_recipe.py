@@ -191,3 +191,14 @@ def test_trainer_projects_only_scored_positions_with_the_same_loss(toy, tmp_path
     assert out_kept.logits.numel() < out_full.logits.numel()
     assert build_spec({}).train.response_logits_only is True
     assert build_spec({"response_logits_only": "false"}).train.response_logits_only is False
+
+
+def test_checkpointed_training_raises_no_future_warning(toy, tmp_path):
+    """transformers deprecated the gradient-checkpointing names; the recipe and peft's wrapper must not trigger them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        metrics = run_train(toy_spec(toy, tmp_path / "ckpt", max_steps=2, report=False, eval_base=False,
+                                     gradient_checkpointing=True))
+    assert metrics["trainable_params"] > 0
