@@ -17,6 +17,7 @@ from .. import expert_usage, get_aux_loss, set_routing
 from ..data.collate import SFTCollator, SFTDataset, render_prompt
 from ..data.formats import Example, load_examples
 from .._checkpointing import checkpointing_training_args
+from .._extras import require_extra
 from ..models import pick_device
 from .config import RUN_FILE, RunSpec, apply_schedule
 from .methods import build_model, is_hydra, uses_router
@@ -250,6 +251,7 @@ def run_train(spec: RunSpec) -> dict:
         dataloader_num_workers=0, disable_tqdm=False,
     )
     collator = SFTCollator(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None)
+    require_extra("TensorBoard logging of the recipe", "tensorboard")
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
