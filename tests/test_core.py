@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import hydralora
 from hydralora import HydraLoraConfig
+from hydralora._checkpointing import enable_checkpointing
 
 from conftest import TARGETS, TASK_TYPES, batch, make_model, randomize_adapters
 
@@ -332,7 +333,7 @@ def test_rlora_init_is_random_but_starts_equal_to_base():
 def train_loss(model, inputs, checkpointing):
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     model.zero_grad()
     res = model(**inputs, labels=inputs["input_ids"])

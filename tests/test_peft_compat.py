@@ -31,3 +31,23 @@ def test_config_roundtrips_through_peft_config_loading(tmp_path):
     loaded = peft.PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, hydralora.HydraLoraConfig)
     assert (loaded.num_experts, loaded.top_k, loaded.r) == (5, 2, 4)
+
+
+def test_peft_wrapper_and_checkpointing_raise_no_future_warning():
+    """transformers deprecated the gradient-checkpointing names: neither building a PeftModel through hydralora nor
+    turning checkpointing on may use them."""
+    import warnings
+
+    import peft
+
+    from hydralora import HydraLoraConfig
+    from hydralora._checkpointing import enable_checkpointing, is_checkpointing
+    from hydralora._peft_compat import quiet_peft_checkpointing_probe
+    from conftest import tiny_llama
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with quiet_peft_checkpointing_probe():
+            model = peft.get_peft_model(tiny_llama(), HydraLoraConfig(r=2, num_experts=2, target_modules=["q_proj"]))
+        enable_checkpointing(model)
+        assert is_checkpointing(model.get_base_model())

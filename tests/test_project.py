@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hydralora import HydraLinear, HydraLoraConfig
+from hydralora._checkpointing import enable_checkpointing
 from hydralora.ops import project
 from hydralora.ops.project import dropout_project
 
@@ -118,7 +119,7 @@ def test_checkpointed_training_recomputes_the_same_mask(monkeypatch):
         randomize_adapters(model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
             model.enable_input_require_grads()
         torch.manual_seed(11)
         loss = model(**inputs, labels=inputs["input_ids"]).loss

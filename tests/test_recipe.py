@@ -203,3 +203,14 @@ def test_routing_warm_start_validation_split_and_specialisation_metrics(toy, tmp
     assert 0.0 <= metrics["router_entropy"] <= 1.0 and -1.0 <= metrics["expert_cos"] <= 1.0
     # two validation examples per task, none of them trained on or in the test set
     assert metrics["validation"]["n_examples"] == 2 * len(metrics["validation"]["per_task"])
+
+
+def test_checkpointed_training_raises_no_future_warning(toy, tmp_path):
+    """transformers deprecated the gradient-checkpointing names; the recipe and peft's wrapper must not trigger them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        metrics = run_train(toy_spec(toy, tmp_path / "ckpt", max_steps=2, report=False, eval_base=False,
+                                     gradient_checkpointing=True))
+    assert metrics["trainable_params"] > 0

@@ -1,4 +1,4 @@
-"""The study's code (issue 6) at toy size: two configs, one seed, then the tables."""
+"""The study's code at toy size: two configs, one seed, then the tables."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_observation2_at_toy_size(toy, tmp_path):
 
 
 def test_study_mixture_has_ten_plus_tasks_with_held_out_examples():
-    """The study's data (issue 6): at least 10 BBH-source tasks, several hundred training examples and 60 held-out
+    """The study's data: at least 10 BBH-source tasks, several hundred training examples and 60 held-out
     test examples each, mixed kinds, and no test prompt also in training."""
     from collections import Counter
 

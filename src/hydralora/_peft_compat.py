@@ -8,6 +8,7 @@ fails loudly when a new peft changes what this relies on.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import peft
 from aenum import extend_enum
@@ -18,6 +19,23 @@ TESTED_PEFT = SpecifierSet(">=0.21.0,<0.22")
 NAME = "hydralora"
 
 
+# peft's PeftModel reads the base model's `is_gradient_checkpointing`, a name transformers has deprecated in favour
+# of `is_activation_checkpointing`; the FutureWarning is about peft's code, which users cannot change.
+_PEFT_PROBE_WARNING = r"`is_gradient_checkpointing` is deprecated"
+
+
+def _ignore_peft_checkpointing_probe() -> None:
+    warnings.filterwarnings("ignore", message=_PEFT_PROBE_WARNING, category=FutureWarning)
+
+
+@contextmanager
+def quiet_peft_checkpointing_probe():
+    """Build or load a PeftModel without the warning above, whatever filters the caller set."""
+    with warnings.catch_warnings():
+        _ignore_peft_checkpointing_probe()
+        yield
+
+
 def register(config_cls, model_cls) -> None:
     """Idempotently add PeftType.HYDRALORA and register HydraLoRA's config and tuner with PEFT."""
     if peft.__version__ not in TESTED_PEFT:
@@ -26,6 +44,7 @@ def register(config_cls, model_cls) -> None:
             "fails, install a tested version: pip install 'peft>=0.21,<0.22'.",
             stacklevel=2,
         )
+    _ignore_peft_checkpointing_probe()  # for users calling peft directly, under default warning filters
     if NAME.upper() not in PeftType.__members__:
         extend_enum(PeftType, NAME.upper(), NAME.upper())
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING

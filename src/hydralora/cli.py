@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._extras import MissingExtraError, require_extra
+from .tuner.config import ROUTING_MODES
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="Fine-tune with HydraLoRA (no arguments: the default recipe on the packaged SmolLM2).")
@@ -25,6 +28,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    require_extra("hydralora train")
     from .recipes.config import build_spec
     from .recipes.train import run_train
 
@@ -44,7 +48,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", help="Data file; default: the test split of the run's data.")
     p.add_argument("--out", help="Write the JSON result here.")
     p.add_argument("--model", help="Base model; default: the run's model or the adapter's base_model_name_or_path.")
-    p.add_argument("--routing", choices=("token", "sequence", "fixed"), default="token")
+    p.add_argument("--routing", choices=ROUTING_MODES, default="token")
     p.add_argument("--gate", default="mean", help="Gate for --routing fixed: mean | usage | INDEX | w1,w2,...")
     p.add_argument("--max-per-task", type=int, default=None,
                    help="Cap held-out examples per task (0: all; default: all with --data, else the run's own cap, so scores compare).")
@@ -70,8 +74,9 @@ def _load_adapter(adapter: str, model_name: Optional[str], device: str):
     """(PeftModel, tokenizer, run record) for a saved adapter folder."""
     import peft
 
-    from .models import load_model_and_tokenizer
-    from .recipes.train import RUN_FILE, pick_device
+    from ._peft_compat import quiet_peft_checkpointing_probe
+    from .models import load_model_and_tokenizer, pick_device
+    from .recipes.config import RUN_FILE
 
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
@@ -83,11 +88,13 @@ def _load_adapter(adapter: str, model_name: Optional[str], device: str):
     name = model_name or run.get("model") or cfg.get("base_model_name_or_path") or "smollm2"
     device = pick_device(device)
     base, tok = load_model_and_tokenizer(name, dtype=None, device=device)
-    model = peft.PeftModel.from_pretrained(base, str(path)).eval()
+    with quiet_peft_checkpointing_probe():
+        model = peft.PeftModel.from_pretrained(base, str(path)).eval()
     return model, tok, run, device
 
 
 def _run_eval(args) -> int:
+    require_extra("hydralora eval")
     from . import hydra_layers, set_routing
     from .data.formats import load_examples
     from .eval.scoring import evaluate, format_table
@@ -174,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

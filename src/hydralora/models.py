@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ._extras import require_extra
 from ._fs import staged_dir
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     if (target / "config.json").is_file():
         return target
     pkg_dir = smollm2_package_dir()
+    require_extra("Converting the packaged SmolLM2 GGUF", "gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process finished while we waited
@@ -113,6 +115,15 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
     return target
+
+
+def pick_device(name: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'.")
+    return name
 
 
 def resolve_dtype(dtype, device: str | torch.device | None) -> torch.dtype:

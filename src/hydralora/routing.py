@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .tuner.layer import ROUTING_MODES, HydraLoraLayer, validate_gate
+from .tuner.config import ROUTING_MODES, RoutingMode
+from .tuner.layer import HydraLoraLayer, validate_gate
 from .tuner.model import HydraLoraModel
 
 Gate = Union[str, int, Sequence[float], torch.Tensor]
@@ -31,7 +32,7 @@ def layer_gate(layer: HydraLoraLayer, gate: Gate, adapter_name: Optional[str] = 
     return validate_gate(gate, layer.num_experts[name], usage=layer._usage(name))
 
 
-def set_routing(model: nn.Module, mode: str, gate: Optional[Gate] = None) -> None:
+def set_routing(model: nn.Module, mode: RoutingMode, gate: Optional[Gate] = None) -> None:
     """Choose how every HydraLoRA layer of `model` gates its experts.
 
     token    -- the router's softmax per token (training and default inference);

@@ -1,6 +1,6 @@
 """``hydralora analyze DATA``: suggest N for a data file and write the evidence.
 
-The lead's ``hydralora/cli.py`` calls :func:`add_analyze_parser` on its subparsers.
+``hydralora/cli.py`` calls :func:`add_analyze_parser` on its subparsers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .select import DEFAULT_METHOD, METHODS, ClusteringError
+from .methods import AUTO_N_METHODS, DEFAULT_METHOD, ClusteringError
 
 # Fields tried, in order, when --field is not given.
 TEXT_FIELDS = ("instruction", "input", "prompt", "messages", "text", "question")
@@ -27,7 +27,7 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
                    help="column holding the text (default: instruction(+input), input, "
                         "prompt, user messages, text or question)")
     p.add_argument("--out", default="analysis", metavar="DIR", help="output folder")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=AUTO_N_METHODS)
     p.add_argument("--k-min", type=int, default=2)
     p.add_argument("--k-max", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -74,44 +74,14 @@ def row_text(row: dict, field: str | None = None, where: str = "row") -> str:
                           f"(fields: {', '.join(map(str, row))}); pass --field")
 
 
-def _read_rows(path: Path, skip_bad_rows: bool):
-    """(line, row) pairs via hydralora.data.io when present, else a small local reader."""
-    try:
-        from hydralora.data.io import read_rows
-    except ImportError:
-        read_rows = None
-    if read_rows is not None:
-        yield from read_rows(path, skip_bad_rows=skip_bad_rows)
-        return
-    if not path.exists():
-        raise ClusteringError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ClusteringError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-    elif suffix in (".csv", ".parquet", ".pq"):
-        import pandas as pd
-
-        df = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-        start = 2 if suffix == ".csv" else 1  # CSV: the header is line 1
-        for i, rec in enumerate(df.to_dict("records"), start):
-            yield i, {k: v for k, v in rec.items() if not (isinstance(v, float) and v != v)}
-    else:
-        raise ClusteringError(f"{path}: unsupported file type {suffix!r}; "
-                              "allowed: .jsonl, .csv, .parquet")
-
-
 def load_texts(path, field: str | None = None, skip_bad_rows: bool = False):
     """Texts, line numbers and task names (None where a row has no "task") of a data file."""
+    from ..data.io import read_rows  # here, not at the top: hydralora.data's package loads torch
+
     path = Path(path)
     texts, lines, tasks = [], [], []
     skipped = 0
-    for line, row in _read_rows(path, skip_bad_rows):
+    for line, row in read_rows(path, skip_bad_rows=skip_bad_rows):
         where = f"{path}:{line}"
         if not isinstance(row, dict):
             raise ClusteringError(f"{where}: row is {type(row).__name__}; allowed: an object")

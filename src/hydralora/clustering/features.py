@@ -8,9 +8,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.preprocessing import normalize
+
+from .._extras import missing_extra
+
+try:
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+except ImportError as err:
+    raise missing_extra(err.name, "Corpus features for N-finding (hydralora.clustering)") from err
 
 # Words plus single punctuation marks: tasks such as dyck_languages ("{ [ ( ) ] }") consist of
 # nothing but punctuation, which scikit-learn's default pattern drops entirely.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .._extras import missing_extra
 from .select import ClusteringResult
 
 
@@ -19,7 +20,10 @@ def score_table(res: ClusteringResult) -> str:
 
 def task_agreement(labels, tasks) -> dict:
     """Adjusted Rand index of clusters vs tasks and a task x cluster contingency table."""
-    from sklearn.metrics import adjusted_rand_score
+    try:
+        from sklearn.metrics import adjusted_rand_score
+    except ImportError as err:
+        raise missing_extra(err.name, "Cluster-task agreement") from err
 
     counts = Counter(zip(tasks, (int(c) for c in labels)))
     clusters = sorted({c for _, c in counts})
@@ -40,7 +44,10 @@ def contingency_text(agree: dict) -> str:
 
 def plot_scores(res: ClusteringResult, path) -> None:
     """SSE curve (and the selection score of the lsa-* methods) with the choice marked."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise missing_extra(err.name, "The N-finding plot") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

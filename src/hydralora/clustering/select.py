@@ -7,22 +7,19 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.metrics import adjusted_rand_score, silhouette_score
-from threadpoolctl import threadpool_limits
+
+from .._extras import missing_extra
+
+try:
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+    from threadpoolctl import threadpool_limits
+except ImportError as err:
+    raise missing_extra(err.name, "Finding N from a corpus (hydralora.clustering)") from err
 
 from .features import paper_tfidf, template_lsa
+from .methods import DEFAULT_METHOD, METHODS, ClusteringError  # noqa: F401  (re-exported)
 
-DEFAULT_METHOD = "lsa-consensus"
-METHODS = {
-    "tfidf-elbow": "paper: TF-IDF, K-means per K, elbow of the SSE curve (kneed)",
-    "lsa-stability": "template TF-IDF + LSA + L2, K-means; K whose clustering is most "
-                     "reproducible across subsamples (mean pairwise ARI)",
-    "lsa-consensus": "template TF-IDF (terms in >= 5% of texts) + LSA 20 dims + L2, K-means; "
-                     "K maximising stability + prediction strength (Tibshirani & Walther)",
-    "lsa-silhouette": "template TF-IDF + LSA + L2, K-means; K with the best silhouette",
-    "lsa-elbow": "template TF-IDF + LSA + L2, K-means; elbow of the SSE curve (kneed)",
-}
 # Rule "pstrength" (largest K whose prediction strength reaches this; Tibshirani & Walther use
 # 0.8-0.9). Reported by the benchmark on the default's sweep; no method uses it by itself.
 PS_THRESHOLD = 0.7
@@ -33,10 +30,6 @@ _FEATURES = {"lsa-consensus": (20, 0.05)}
 _FEATURES_DEFAULT = (50, 0.02)
 # Above this many texts the paper's method uses MiniBatchKMeans on the full sparse matrix.
 _MINIBATCH_ABOVE = 20_000
-
-
-class ClusteringError(ValueError):
-    """Unusable input for clustering; the message says what, where and what is allowed."""
 
 
 @dataclass
@@ -104,7 +97,10 @@ def select_k(k_values, scores: dict[str, list[float]], rule: str) -> int:
 
 
 def _elbow(ks, sse) -> tuple[int, bool]:
-    from kneed import KneeLocator
+    try:
+        from kneed import KneeLocator
+    except ImportError as err:
+        raise missing_extra(err.name, "The elbow rule of N-finding") from err
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kneed warns when no knee exists; we report that

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .._extras import missing_extra
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".pq")
@@ -170,7 +172,10 @@ def _clean_record(rec: dict) -> dict:
 
 
 def _iter_csv(rows: Rows):
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError as err:
+        raise missing_extra(err.name, "Reading CSV data") from err
 
     try:
         # dtype=str and no NA parsing: "None"/"NA" answers stay strings; empty cells -> "".
@@ -193,7 +198,10 @@ def _iter_csv(rows: Rows):
 
 
 def _iter_parquet(rows: Rows):
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise missing_extra(err.name, "Reading parquet data") from err
 
     try:
         table = pq.read_table(rows.path)
@@ -204,7 +212,10 @@ def _iter_parquet(rows: Rows):
 
 
 def _iter_hf(rows: Rows):
-    import datasets
+    try:
+        import datasets
+    except ImportError as err:
+        raise missing_extra(err.name, "Reading a saved datasets folder") from err
 
     try:
         ds = datasets.load_from_disk(str(rows.path))

@@ -7,13 +7,15 @@ from typing import Any
 import peft
 from peft import LoraConfig
 
+from .._peft_compat import quiet_peft_checkpointing_probe
 from ..routing import hydra_layers
 from ..tuner.config import HydraLoraConfig
+from .config import Method
 
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save")
 
 
-def peft_config_for(method: str, adapter: dict[str, Any], task_type: str = "CAUSAL_LM"):
+def peft_config_for(method: Method, adapter: dict[str, Any], task_type: str = "CAUSAL_LM"):
     """The PEFT config of `method` from the recipe's adapter fields (num_experts already resolved).
 
     hydralora          -- shared A, N experts, token router (the paper's method)
@@ -32,9 +34,10 @@ def peft_config_for(method: str, adapter: dict[str, Any], task_type: str = "CAUS
     return HydraLoraConfig(task_type=task_type, **kwargs)
 
 
-def build_model(base, method: str, adapter: dict[str, Any], task_type: str = "CAUSAL_LM"):
+def build_model(base, method: Method, adapter: dict[str, Any], task_type: str = "CAUSAL_LM"):
     """get_peft_model for `method`; routers that a fixed gate never reads are frozen (no unused parameters)."""
-    model = peft.get_peft_model(base, peft_config_for(method, adapter, task_type))
+    with quiet_peft_checkpointing_probe():
+        model = peft.get_peft_model(base, peft_config_for(method, adapter, task_type))
     if method in ("hydralora-uniform", "lora-split"):
         for _, layer in hydra_layers(model):
             for p in layer.hydralora_router.values():
@@ -42,10 +45,10 @@ def build_model(base, method: str, adapter: dict[str, Any], task_type: str = "CA
     return model
 
 
-def uses_router(method: str) -> bool:
+def uses_router(method: Method) -> bool:
     return method in ("hydralora", "lora-moe")
 
 
-def is_hydra(method: str) -> bool:
+def is_hydra(method: Method) -> bool:
     return method != "lora"
 

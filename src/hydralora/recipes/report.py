@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+
+from .._extras import missing_extra
+
+try:
+    import matplotlib
+except ImportError as err:
+    raise missing_extra(err.name, "The run report's plots") from err
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 def plot_losses(history: list[dict], path: Path) -> bool:

@@ -16,11 +16,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from .. import expert_usage, get_aux_loss, get_ortho_loss, get_route_loss, set_route_target_weight, set_routing
 from ..data.collate import SFTCollator, SFTDataset, render_prompt
 from ..data.formats import Example, load_examples
-from .config import RunSpec, apply_schedule
+from .._checkpointing import checkpointing_training_args
+from .._extras import require_extra
+from ..models import pick_device
+from .config import RUN_FILE, RunSpec, apply_schedule
 from .methods import build_model, is_hydra, uses_router
 from .response_logits import keep_response_logits, logits_to_keep_support
-
-RUN_FILE = "hydralora_run.json"
 
 
 class HydraTrainer(Trainer):
@@ -181,14 +182,6 @@ def prepare_output_dir(path: Optional[str], method: str, resume: bool) -> Path:
     return out
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'.")
-    return name
-
-
 def find_num_experts(train: list[Example], spec: RunSpec, out: Path) -> Optional[dict]:
     """Resolve num_experts='auto' from the training prompts; writes analysis.json (+ elbow.png) to the run dir."""
     if spec.adapter.get("num_experts") != "auto" or not is_hydra(spec.train.method):
@@ -320,12 +313,13 @@ def run_train(spec: RunSpec) -> dict:
         output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type,
-        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, report_to=[], bf16=use_bf16, gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, report_to=[], bf16=use_bf16,
+        **checkpointing_training_args(cfg.gradient_checkpointing),
         seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, use_cpu=device == "cpu",
         dataloader_num_workers=0, disable_tqdm=False,
     )
     collator = SFTCollator(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None)
+    require_extra("TensorBoard logging of the recipe", "tensorboard")
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-ROUTER_INPUTS = ("x", "lora_a")
-BALANCE_LOSSES = ("switch", "cv2")
-INIT_B_CHOICES = ("zeros", "rlora", "svd")
-INIT_A_CHOICES = ("kaiming", "svd")
-BIAS_CHOICES = ("none", "all", "hydralora_only")
+# Every adapter choice is defined once, here; the tuples, validation messages and CLI choices derive from these.
+RoutingMode = Literal["token", "sequence", "fixed"]
+RouterInput = Literal["x", "lora_a"]
+BalanceLoss = Literal["switch", "cv2"]
+InitB = Literal["zeros", "rlora", "svd"]
+InitA = Literal["kaiming", "svd"]
+Bias = Literal["none", "all", "hydralora_only"]
+
+ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
+ROUTER_INPUTS: tuple[str, ...] = get_args(RouterInput)
+BALANCE_LOSSES: tuple[str, ...] = get_args(BalanceLoss)
+INIT_B_CHOICES: tuple[str, ...] = get_args(InitB)
+INIT_A_CHOICES: tuple[str, ...] = get_args(InitA)
+BIAS_CHOICES: tuple[str, ...] = get_args(Bias)
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
@@ -51,7 +60,7 @@ class HydraLoraConfig(PeftConfig):
         default=False,
         metadata={"help": "True if the base layer stores its weight as (in, out), like GPT-2's Conv1D. Set automatically."},
     )
-    bias: str = field(default="none", metadata={"help": "Bias to train: 'none', 'all' or 'hydralora_only'."})
+    bias: Bias = field(default="none", metadata={"help": "Bias to train: 'none', 'all' or 'hydralora_only'."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules (e.g. a classifier head) to train fully and save with the adapter."}
     )
@@ -65,7 +74,7 @@ class HydraLoraConfig(PeftConfig):
         default=True,
         metadata={"help": "True: one A shared by all experts (HydraLoRA). False: N separate A_i (the paper's 'w/o hydra' ablation, LoRA-MoE)."},
     )
-    router_input: str = field(
+    router_input: RouterInput = field(
         default="x",
         metadata={"help": "What the router W_g reads: 'x' (the layer input, as the authors' code) or 'lora_a' (A x, as the paper's text)."},
     )
@@ -73,14 +82,14 @@ class HydraLoraConfig(PeftConfig):
     top_k: Optional[int] = field(
         default=None, metadata={"help": "Keep only the top-k gate weights per token and renormalise; None = dense."}
     )
-    balance_loss: str = field(
+    balance_loss: BalanceLoss = field(
         default="switch",
         metadata={"help": "Router load-balancing loss: 'switch' (N * sum_i f_i P_i) or 'cv2' (squared coefficient of variation of expert importance)."},
     )
     balance_loss_coef: float = field(
         default=0.0, metadata={"help": "Coefficient of the balance loss added to the model loss in training; 0 disables it."}
     )
-    init_b: str = field(
+    init_b: InitB = field(
         default="zeros",
         metadata={
             "help": "'zeros' (LoRA's init), 'rlora' (random non-zero experts) or 'svd' (expert i starts on its own "
@@ -89,7 +98,7 @@ class HydraLoraConfig(PeftConfig):
             "their update, so the adapted model equals the base at step 0 and W0 is never modified."
         },
     )
-    init_a: str = field(
+    init_a: InitA = field(
         default="kaiming",
         metadata={
             "help": "'kaiming' (LoRA's A init) or 'svd': the shared A starts on W0's top-r right singular vectors, "
@@ -121,7 +130,7 @@ class HydraLoraConfig(PeftConfig):
         default_factory=list,
         metadata={"help": "Expert indices dropped at inference, the gate renormalised over the rest (LoPE)."},
     )
-    routing: str = field(
+    routing: RoutingMode = field(
         default="token",
         metadata={"help": "Routing mode the adapter starts in when built or loaded: 'token', 'sequence' or 'fixed' (uses fixed_gate)."},
     )
@@ -173,8 +182,8 @@ class HydraLoraConfig(PeftConfig):
                 _fail("top_k", self.top_k, "must be None or an integer >= 1")
             if self.resolved and self.top_k > self.num_experts:
                 _fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
-        if self.routing not in ("token", "sequence", "fixed"):
-            _fail("routing", self.routing, "allowed values are ('token', 'sequence', 'fixed')")
+        if self.routing not in ROUTING_MODES:
+            _fail("routing", self.routing, f"allowed values are {ROUTING_MODES}")
         if self.routing == "fixed" and self.fixed_gate is None:
             _fail("fixed_gate", self.fixed_gate, "routing='fixed' needs a gate: 'mean', an expert index or N weights")
         if self.balance_loss not in BALANCE_LOSSES:

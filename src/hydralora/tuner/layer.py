@@ -17,9 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
 from ..ops.fused import _flat_B, add_usage, capturing as _capturing
 from ..ops.project import dropout_project, use_dropout_project
-from .config import HydraLoraConfig
-
-ROUTING_MODES = ("token", "sequence", "fixed")
+from .config import BalanceLoss, HydraLoraConfig
 
 MERGE_UNDER_TOKEN_ROUTING = (
     "HydraLoRA cannot merge under token routing: the gate w(x) differs for every token, so sum_i w_i(x) B_i A "
@@ -28,7 +26,7 @@ MERGE_UNDER_TOKEN_ROUTING = (
 )
 
 
-def balance_loss(probs: torch.Tensor, kind: str, top_k: Optional[int] = None) -> torch.Tensor:
+def balance_loss(probs: torch.Tensor, kind: BalanceLoss, top_k: Optional[int] = None) -> torch.Tensor:
     """Load-balancing loss of router probabilities `probs` (T, N), fp32.
 
     'switch': N * sum_i f_i P_i (Switch Transformer), f_i = share of tokens dispatched to expert i (its top-k),
