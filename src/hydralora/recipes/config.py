@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 
 from ..tuner.config import HydraLoraConfig
 
-METHODS = ("hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe")
+Method = Literal["hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe", "lope", "thanora", "meta-lora"]
+METHODS = get_args(Method)
+STAGED_METHODS = ("lope", "thanora", "meta-lora")  # trained by their own stages (hydralora.recipes.methods)
 SCHEDULES = ("auto", "cpu", "gpu")
 # Adapter fields a YAML may set (HydraLoraConfig's own; "lora" uses the LoRA subset r/lora_alpha/lora_dropout/...).
 ADAPTER_FIELDS = tuple(
@@ -32,7 +34,7 @@ class TrainConfig:
     model: str = field(default="smollm2", metadata={"help": "'smollm2' (packaged SmolLM2-135M-Instruct), a local HF folder, or a hub id."})
     data: str = field(default="bundled", metadata={"help": "'bundled' (BIG-bench mixture shipped with the package) or a data file/folder."})
     eval_data: Optional[str] = field(default=None, metadata={"help": "Held-out data; None = the 'test' split of `data`."})
-    method: str = field(default="hydralora", metadata={"help": f"One of {METHODS}."})
+    method: Method = field(default="hydralora", metadata={"help": f"One of {METHODS}."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Run directory; None = runs/<method>-<time>. Never overwritten unless resume."})
     schedule: str = field(default="auto", metadata={"help": "'cpu' (<= 10 min on 2 cores), 'gpu' (full), or 'auto' (by device)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW). The CPU default run gained +0.031 held-out accuracy at 1e-3, +0.000 at 2e-3."})
@@ -62,6 +64,19 @@ class TrainConfig:
     eval_base: bool = field(default=True, metadata={"help": "Also evaluate the base model (adapter disabled)."})
     report: bool = field(default=True, metadata={"help": "Write report.md with plots."})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda'."})
+    # LoPE (method 'lope'): num_experts normal experts plus one poisoning expert, masked at inference.
+    lope_poison_steps: Optional[int] = field(default=None, metadata={"help": "LoPE stage one: steps training the poisoning expert on generated noisy data (None: max_steps // 4); stage two then runs max_steps on the clean data."})
+    lope_char_noise: float = field(default=0.05, metadata={"help": "LoPE stage one: share of prompt characters perturbed (swapped, inserted before or deleted) in the generated noisy data, in (0, 1]."})
+    lope_embedding_noise: float = field(default=0.0, metadata={"help": "LoPE stage one: Gaussian noise on the input embeddings, std as a share of their RMS (0: off)."})
+    lope_orthogonal_coef: float = field(default=0.1, metadata={"help": "LoPE stage two: weight of the mean squared cosine between each normal expert's B and the frozen poisoning expert's (0: off)."})
+    # ThanoRA (method 'thanora'): a plain LoRA of rank r split into per-task subspaces.
+    thanora_ortho_coef: float = field(default=0.1, metadata={"help": "ThanoRA: weight of the regulariser keeping the tasks' subspaces apart (mean squared cross-task cosine of A's rows and B's columns; 0: off)."})
+    thanora_init_examples: int = field(default=64, metadata={"help": "ThanoRA: training examples per task whose layer inputs size and build the task subspaces at init."})
+    # MeTA-LoRA (method 'meta-lora'): max_steps meta steps, each over every task.
+    meta_lora_inner_steps: int = field(default=1, metadata={"help": "MeTA-LoRA stage one: SGD steps adapting each task's copy of the shared LoRA on its support batches."})
+    meta_lora_inner_lr: Optional[float] = field(default=None, metadata={"help": "MeTA-LoRA stage one: learning rate of the task adaptation steps (None: learning_rate)."})
+    meta_lora_support_size: int = field(default=4, metadata={"help": "MeTA-LoRA: examples per support batch of a task (stage one)."})
+    meta_lora_query_size: int = field(default=4, metadata={"help": "MeTA-LoRA: examples in a task's query batch, whose gradient stage two aggregates."})
 
 
 @dataclass
@@ -157,6 +172,35 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"loraplus_lr_ratio={ratio!r} is invalid: must be a number > 0 (LoRA+ uses about 16), or null.")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={cfg.device!r} is invalid: allowed are auto, cpu, cuda.")
+    _validate_method_fields(cfg)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_method_fields(cfg: TrainConfig) -> None:
+    """The fields of the staged methods (LoPE, ThanoRA, MeTA-LoRA)."""
+    if cfg.method in STAGED_METHODS and cfg.resume:
+        raise ValueError(f"resume=True is invalid with method={cfg.method!r}: its stages restart from the beginning; "
+                         "use a new output_dir.")
+    for name in ("lope_poison_steps",):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1, or null.")
+    for name in ("thanora_init_examples", "meta_lora_inner_steps", "meta_lora_support_size", "meta_lora_query_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1.")
+    if not (_number(cfg.lope_char_noise) and 0 < cfg.lope_char_noise <= 1):
+        raise ValueError(f"lope_char_noise={cfg.lope_char_noise!r} is invalid: must be a number in (0, 1].")
+    for name in ("lope_embedding_noise", "lope_orthogonal_coef", "thanora_ortho_coef"):
+        value = getattr(cfg, name)
+        if not (_number(value) and value >= 0):
+            raise ValueError(f"{name}={value!r} is invalid: must be a number >= 0.")
+    lr = cfg.meta_lora_inner_lr
+    if lr is not None and not (_number(lr) and lr > 0):
+        raise ValueError(f"meta_lora_inner_lr={lr!r} is invalid: must be a number > 0, or null.")
 
 
 def apply_schedule(cfg: TrainConfig, on_gpu: bool) -> str:
