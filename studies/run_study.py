@@ -8,6 +8,7 @@ skipping runs whose metrics.json exists. Raw results land in OUT/<part>/<config>
     python studies/run_study.py --out results/study --part sweep --workers 5
     python studies/run_study.py --out results/study --part obs2 --workers 5
     python studies/run_study.py --out results/study --part main sweep --workers 12   # one pool; 2 GPUs: 6 runs on each
+    python studies/run_study.py --out results/seed-methods/<date> --part seed-methods --workers 8   # studies/seed_methods.py
 
 On a host with several GPUs each run gets one (CUDA_VISIBLE_DEVICES, round-robin over the worker slots), so the
 side-by-side runs spread evenly over the cards.
@@ -163,7 +164,7 @@ def _fit_workers(workers: int) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/study")
-    ap.add_argument("--part", nargs="+", choices=sorted(PARTS) + ["obs2"], required=True,
+    ap.add_argument("--part", nargs="+", choices=sorted(PARTS) + ["obs2", "seed-methods"], required=True,
                     help="Parts to run; several parts of the table share one pool of workers (obs2 runs on its own).")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=5,
@@ -180,6 +181,14 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = dict(item.split("=", 1) for item in args.set)
+    # --- seed methods (LoPE, ThanoRA, MeTA-LoRA): configs and their derived data from studies/seed_methods.py ---
+    if "seed-methods" in args.part:
+        from seed_methods import seed_method_parts
+
+        if "data" in extra and len(args.part) > 1:
+            ap.error("--set data=... with --part seed-methods: run seed-methods on its own (its data is derived from it)")
+        source = Path(extra.pop("data")) if "data" in extra else STUDY_DATA
+        PARTS.update(seed_method_parts(source, out / "seed-methods-data"))
     if args.part == ["obs2"]:
         from observation2 import run_observation2
 

@@ -305,3 +305,61 @@ def test_method_fields_are_validated():
         build_spec({"method": "lope", "resume": True})
     spec = build_spec({"method": "meta-lora", "meta_lora_inner_lr": "5e-4"})
     assert spec.train.meta_lora_inner_lr == 5e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the study's part (studies/seed_methods.py)
+
+STUDIES = __import__("pathlib").Path(__file__).resolve().parents[1] / "studies"
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_study_data_builders_keep_the_test_split_clean(toy, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(STUDIES))
+    from seed_methods import build_noisy, build_subset, seed_method_parts
+
+    src = toy / "mix.jsonl"
+    rows = _rows(src)
+    train = [r for r in rows if r["split"] == "train"]
+    for kind in ("char", "label"):
+        noisy = _rows(build_noisy(src, tmp_path / f"{kind}.jsonl", kind, fraction=0.5))
+        assert [r for r in noisy if r["split"] == "test"] == [r for r in rows if r["split"] == "test"]
+        changed = [a for a, b in zip([r for r in noisy if r["split"] == "train"], train) if a != b]
+        assert 0 < len(changed) <= len(train) // 2
+    few = _rows(build_subset(src, tmp_path / "few.jsonl", 5))
+    counts = {t: sum(1 for r in few if r["split"] == "train" and r["task"] == t) for t in ("color", "animal")}
+    assert counts == {"color": 5, "animal": 5} and sum(r["split"] == "test" for r in few) == sum(r["split"] == "test" for r in rows)
+    build_subset(src, tmp_path / "few.jsonl", 5)  # the same contents again: kept
+    with pytest.raises(FileExistsError, match="other contents"):
+        build_subset(src, tmp_path / "few.jsonl", 4)
+    parts = seed_method_parts(src, tmp_path / "derived")["seed-methods"]
+    assert {ov["method"] for ov in parts.values()} >= {"lope", "thanora", "meta-lora", "lora", "hydralora"}
+    assert all(__import__("os").path.isfile(ov["data"]) for ov in parts.values())
+
+
+def test_seed_methods_part_runs_in_the_study_at_toy_size(toy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(STUDIES / "run_study.py"), "--out", str(out), "--part", "seed-methods", "--seeds", "0",
+           "--workers", "1", "--only", "thanora/thanora-r8"]
+    for s in (f"model={toy / 'model'}", f"data={toy / 'mix.jsonl'}", "max_steps=2", "schedule=cpu", "device=cpu",
+              "max_seq_length=32", "max_new_tokens=2", "eval_max_per_task=3", "auto_n_k_max=3", "report=false"):
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "seed-methods-data").iterdir()) == [
+        "few-16.jsonl", "few-32.jsonl", "few-64.jsonl", "noisy-char.jsonl", "noisy-label.jsonl"]
+    merged = subprocess.run([sys.executable, str(STUDIES / "seed_methods.py"), "merged-eval", "--study", str(out),
+                             "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    rec = json.loads((out / "seed-methods" / "thanora" / "thanora-r8" / "seed0" / "eval_merged.json").read_text())
+    assert rec["merged_mean"] == pytest.approx(rec["unmerged_mean"])  # a merged LoRA scores as the unmerged one
