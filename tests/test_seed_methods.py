@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -310,7 +314,7 @@ def test_method_fields_are_validated():
 # ---------------------------------------------------------------------------------------------------------------------
 # the study's part (studies/seed_methods.py)
 
-STUDIES = __import__("pathlib").Path(__file__).resolve().parents[1] / "studies"
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 def _rows(path):
@@ -318,8 +322,6 @@ def _rows(path):
 
 
 def test_study_data_builders_keep_the_test_split_clean(toy, tmp_path):
-    import sys
-
     sys.path.insert(0, str(STUDIES))
     from seed_methods import build_noisy, build_subset, seed_method_parts
 
@@ -339,14 +341,10 @@ def test_study_data_builders_keep_the_test_split_clean(toy, tmp_path):
         build_subset(src, tmp_path / "few.jsonl", 4)
     parts = seed_method_parts(src, tmp_path / "derived")["seed-methods"]
     assert {ov["method"] for ov in parts.values()} >= {"lope", "thanora", "meta-lora", "lora", "hydralora"}
-    assert all(__import__("os").path.isfile(ov["data"]) for ov in parts.values())
+    assert all(os.path.isfile(ov["data"]) for ov in parts.values())
 
 
 def test_seed_methods_part_runs_in_the_study_at_toy_size(toy, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "study"
     cmd = [sys.executable, str(STUDIES / "run_study.py"), "--out", str(out), "--part", "seed-methods", "--seeds", "0",
            "--workers", "1", "--only", "thanora/thanora-r8"]

@@ -65,7 +65,7 @@ def _covariances(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
 
 def _effective_rank(cov: torch.Tensor) -> float:
     """exp(entropy of the normalised eigenvalues): 1 for one direction, k for an isotropic spread."""
-    eig = torch.linalg.eigvalsh(cov.double()).clamp_min(0.0)  # (k,)
+    eig = torch.linalg.eigvalsh(cov.float()).double().clamp_min(0.0)  # (k,): fp32 is enough for an entropy
     total = eig.sum()
     if total <= 0:
         return 1.0
@@ -124,8 +124,8 @@ def init_task_subspaces(model: nn.Module, task_batches: Mapping[str, list], rank
             U = basis.get(name, torch.zeros(0, k, dtype=torch.float64, device=dev))  # (m, k)
             P = torch.eye(k, dtype=torch.float64, device=dev) - U.T @ U  # (k, k): projector off the earlier blocks
             C = P @ cov.double() @ P  # (k, k)
-            _, vecs = torch.linalg.eigh(C)  # ascending eigenvalues
-            top = vecs[:, -ranks[t]:].flip(-1)  # (k, r_t)
+            _, vecs = torch.linalg.eigh(C.float())  # ascending eigenvalues; fp32 (the QR below is fp64)
+            top = vecs[:, -ranks[t]:].flip(-1).double()  # (k, r_t)
             # Directions with zero variance may lie anywhere in C's null space: project them off the earlier blocks
             # again (with a tiny random tie-breaker) and orthonormalise.
             jitter = torch.randn(k, ranks[t], generator=gen, dtype=torch.float64).to(dev) * 1e-6  # (k, r_t)
