@@ -12,8 +12,8 @@ always the clean original) is written once under <out>/seed-methods-data/ by `se
   replaces the answer of 30% of the examples by a wrong one. LoPE, HydraLoRA and LoRA on each, and on clean data.
 - few-shot: 16, 32 and 64 training examples per task; MeTA-LoRA, LoRA and HydraLoRA on each, all for the same
   number of steps (fewer than the main study's: 16 per task is 192 examples).
-- thanora: ThanoRA and LoRA at the same rank (identical trainable parameters), and HydraLoRA at r=4 with 3 experts
-  (about 1.2x LoRA-r8's parameters per layer: r*k + N*d*r + N*k against 2*r*k for d = k).
+- thanora: ThanoRA and LoRA at r = 16 and 32 (identical trainable parameters), and HydraLoRA at r=8 with 3 experts
+  (about 1.1x LoRA-r16's parameters per layer: r*k + N*d*r + N*k against 2*r*k for d = k).
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ _FEW_SHOT_METHODS = {
     "hydralora-auto": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": "auto"},
     "meta-lora": {"method": "meta-lora", "r": 8, "lora_alpha": 16},
 }
+# ThanoRA gives every task at least one rank: r >= 12 for the study's 12 tasks.
 _THANORA = {
-    "thanora-r8": {"method": "thanora", "r": 8, "lora_alpha": 16},
     "thanora-r16": {"method": "thanora", "r": 16, "lora_alpha": 32},
-    "lora-r8": {"method": "lora", "r": 8, "lora_alpha": 16},
+    "thanora-r32": {"method": "thanora", "r": 32, "lora_alpha": 64},
     "lora-r16": {"method": "lora", "r": 16, "lora_alpha": 32},
-    "hydralora-r4-N3": {"method": "hydralora", "r": 4, "lora_alpha": 8, "num_experts": 3},
+    "lora-r32": {"method": "lora", "r": 32, "lora_alpha": 64},
+    "hydralora-r8-N3": {"method": "hydralora", "r": 8, "lora_alpha": 16, "num_experts": 3},
 }
 
 

@@ -309,6 +309,11 @@ def test_method_fields_are_validated():
         build_spec({"method": "lope", "resume": True})
     spec = build_spec({"method": "meta-lora", "meta_lora_inner_lr": "5e-4"})
     assert spec.train.meta_lora_inner_lr == 5e-4
+    # every staged method has a runner, and only those
+    from hydralora.recipes.config import METHODS, STAGED_METHODS
+    from hydralora.recipes.methods import staged_training
+
+    assert {m for m in METHODS if staged_training(m) is not None} == set(STAGED_METHODS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,7 +352,7 @@ def test_study_data_builders_keep_the_test_split_clean(toy, tmp_path):
 def test_seed_methods_part_runs_in_the_study_at_toy_size(toy, tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, str(STUDIES / "run_study.py"), "--out", str(out), "--part", "seed-methods", "--seeds", "0",
-           "--workers", "1", "--only", "thanora/thanora-r8"]
+           "--workers", "1", "--only", "thanora/thanora-r16"]
     for s in (f"model={toy / 'model'}", f"data={toy / 'mix.jsonl'}", "max_steps=2", "schedule=cpu", "device=cpu",
               "max_seq_length=32", "max_new_tokens=2", "eval_max_per_task=3", "auto_n_k_max=3", "report=false"):
         cmd += ["--set", s]
@@ -359,5 +364,5 @@ def test_seed_methods_part_runs_in_the_study_at_toy_size(toy, tmp_path):
     merged = subprocess.run([sys.executable, str(STUDIES / "seed_methods.py"), "merged-eval", "--study", str(out),
                              "--device", "cpu"], capture_output=True, text=True, env=env)
     assert merged.returncode == 0, merged.stderr[-2000:]
-    rec = json.loads((out / "seed-methods" / "thanora" / "thanora-r8" / "seed0" / "eval_merged.json").read_text())
+    rec = json.loads((out / "seed-methods" / "thanora" / "thanora-r16" / "seed0" / "eval_merged.json").read_text())
     assert rec["merged_mean"] == pytest.approx(rec["unmerged_mean"])  # a merged LoRA scores as the unmerged one

@@ -186,9 +186,9 @@ class EmbeddingNoise:
     def _hook(self, module, args, output):
         if not module.training or self.scale <= 0:
             return output
-        rms = output.detach().float().pow(2).mean().sqrt()
+        rms = output.detach().float().pow(2).mean().sqrt()  # ()
         noise = torch.randn(output.shape, device=output.device, dtype=torch.float32)  # (B, T, h)
-        return output + (noise * rms * self.scale).to(output.dtype)
+        return output + (noise * rms * self.scale).to(output.dtype)  # (B, T, h)
 
     def remove(self) -> None:
         self.handle.remove()
