@@ -184,10 +184,9 @@ def _validate_method_fields(cfg: TrainConfig) -> None:
     if cfg.method in STAGED_METHODS and cfg.resume:
         raise ValueError(f"resume=True is invalid with method={cfg.method!r}: its stages restart from the beginning; "
                          "use a new output_dir.")
-    for name in ("lope_poison_steps",):
-        value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1, or null.")
+    steps = cfg.lope_poison_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"lope_poison_steps={steps!r} is invalid: must be an integer >= 1, or null.")
     for name in ("thanora_init_examples", "meta_lora_inner_steps", "meta_lora_support_size", "meta_lora_query_size"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
