@@ -8,6 +8,7 @@ runs whose metrics.json exists. Raw results land in OUT/<part>/<config>/seed<k>/
     python studies/run_study.py --list                  # every configuration with its trainable parameters
     python studies/run_study.py --out results/study --part main sweep --workers 12   # the paper's tables
     python studies/run_study.py --out results/study --part obs2 --workers 5
+    python studies/run_study.py --out results/seed-methods/<date> --part seed-methods --workers 8   # studies/seed_methods.py
 
 Parts run in one pool, in the order given; a part whose configurations depend on another's results (`final` on
 `select`, see studies/quality.py) starts when that part has finished, and workers meanwhile take later parts' runs.
@@ -245,7 +246,7 @@ def list_params(model: str, parts: list[str]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/study")
-    ap.add_argument("--part", nargs="+", choices=sorted(PARTS) + ["obs2"],
+    ap.add_argument("--part", nargs="+", choices=sorted(PARTS) + ["obs2", "seed-methods"],
                     help="Parts to run, in this order, in one pool of workers (obs2 runs on its own).")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=5,
@@ -272,6 +273,14 @@ def main() -> int:
     slots = WorkerSlots(args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # seed methods (LoPE, ThanoRA, MeTA-LoRA): configs and their derived data from studies/seed_methods.py
+    if "seed-methods" in args.part:
+        from seed_methods import seed_method_parts
+
+        if "data" in extra and len(args.part) > 1:
+            ap.error("--set data=... with --part seed-methods: run seed-methods on its own (its data is derived from it)")
+        source = Path(extra.pop("data")) if "data" in extra else STUDY_DATA
+        PARTS.update(seed_method_parts(source, out / "seed-methods-data"))
     if args.part == ["obs2"]:
         from observation2 import run_observation2
 

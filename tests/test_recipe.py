@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hydralora.cli import main as cli_main
-from hydralora.recipes.config import ADAPTER_FIELDS, TrainConfig, build_spec
+from hydralora.recipes.config import ADAPTER_FIELDS, METHODS, TrainConfig, build_spec
 from hydralora.recipes.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_every_shipped_yaml_loads(path):
     allowed = {f for f in TrainConfig.__dataclass_fields__} | set(ADAPTER_FIELDS)
     assert set(raw) <= allowed, set(raw) - allowed
     spec = build_spec(config_file=str(path))
-    assert spec.train.method in ("hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe")
+    assert spec.train.method in METHODS
 
 
 def test_trainer_projects_only_scored_positions_with_the_same_loss(toy, tmp_path):

@@ -13,11 +13,12 @@ from ..clustering.methods import AUTO_N_METHODS, AutoNMethod
 from ..tuner.config import ROUTING_MODES, HydraLoraConfig, RoutingMode
 
 # Every recipe choice is defined once, here; the tuples, validation messages and CLI choices derive from these.
-Method = Literal["hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe"]
+Method = Literal["hydralora", "lora", "lora-split", "hydralora-uniform", "lora-moe", "lope", "thanora", "meta-lora"]
 Schedule = Literal["auto", "cpu", "gpu"]
 Device = Literal["auto", "cpu", "cuda"]
 
 METHODS: tuple[str, ...] = get_args(Method)
+STAGED_METHODS = ("lope", "thanora", "meta-lora")  # trained by their own stages (hydralora.recipes.methods)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 DEVICES: tuple[str, ...] = get_args(Device)
 # The run record: the resolved recipe, saved beside the adapter so `hydralora eval` / `export` find its model and data.
@@ -73,6 +74,19 @@ class TrainConfig:
     eval_base: bool = field(default=True, metadata={"help": "Also evaluate the base model (adapter disabled)."})
     report: bool = field(default=True, metadata={"help": "Write report.md with plots."})
     device: Device = field(default="auto", metadata={"help": f"One of {DEVICES}."})
+    # LoPE (method 'lope'): num_experts normal experts plus one poisoning expert, masked at inference.
+    lope_poison_steps: Optional[int] = field(default=None, metadata={"help": "LoPE stage one: steps training the poisoning expert on generated noisy data (None: max_steps // 4); stage two then runs max_steps on the clean data."})
+    lope_char_noise: float = field(default=0.05, metadata={"help": "LoPE stage one: share of prompt characters perturbed (swapped, inserted before or deleted) in the generated noisy data, in (0, 1]."})
+    lope_embedding_noise: float = field(default=0.0, metadata={"help": "LoPE stage one: Gaussian noise on the input embeddings, std as a share of their RMS (0: off)."})
+    lope_orthogonal_coef: float = field(default=0.1, metadata={"help": "LoPE stage two: weight of the mean squared cosine between each normal expert's B and the frozen poisoning expert's (0: off)."})
+    # ThanoRA (method 'thanora'): a plain LoRA of rank r split into per-task subspaces.
+    thanora_ortho_coef: float = field(default=0.1, metadata={"help": "ThanoRA: weight of the regulariser keeping the tasks' subspaces apart (mean squared cross-task cosine of A's rows and B's columns; 0: off)."})
+    thanora_init_examples: int = field(default=64, metadata={"help": "ThanoRA: training examples per task whose layer inputs size and build the task subspaces at init."})
+    # MeTA-LoRA (method 'meta-lora'): max_steps meta steps, each over every task.
+    meta_lora_inner_steps: int = field(default=1, metadata={"help": "MeTA-LoRA stage one: SGD steps adapting each task's copy of the shared LoRA on its support batches."})
+    meta_lora_inner_lr: Optional[float] = field(default=None, metadata={"help": "MeTA-LoRA stage one: learning rate of the task adaptation steps (None: learning_rate)."})
+    meta_lora_support_size: int = field(default=4, metadata={"help": "MeTA-LoRA: examples per support batch of a task (stage one)."})
+    meta_lora_query_size: int = field(default=4, metadata={"help": "MeTA-LoRA: examples in a task's query batch, whose gradient stage two aggregates."})
 
 
 @dataclass
@@ -177,6 +191,34 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"route_target_ratio={ratio!r} is invalid: must be a number with 0 < ratio <= 1.")
     if cfg.device not in DEVICES:
         raise ValueError(f"device={cfg.device!r} is invalid: allowed are {DEVICES}.")
+    _validate_method_fields(cfg)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_method_fields(cfg: TrainConfig) -> None:
+    """The fields of the staged methods (LoPE, ThanoRA, MeTA-LoRA)."""
+    if cfg.method in STAGED_METHODS and cfg.resume:
+        raise ValueError(f"resume=True is invalid with method={cfg.method!r}: its stages restart from the beginning; "
+                         "use a new output_dir.")
+    steps = cfg.lope_poison_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"lope_poison_steps={steps!r} is invalid: must be an integer >= 1, or null.")
+    for name in ("thanora_init_examples", "meta_lora_inner_steps", "meta_lora_support_size", "meta_lora_query_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1.")
+    if not (_number(cfg.lope_char_noise) and 0 < cfg.lope_char_noise <= 1):
+        raise ValueError(f"lope_char_noise={cfg.lope_char_noise!r} is invalid: must be a number in (0, 1].")
+    for name in ("lope_embedding_noise", "lope_orthogonal_coef", "thanora_ortho_coef"):
+        value = getattr(cfg, name)
+        if not (_number(value) and value >= 0):
+            raise ValueError(f"{name}={value!r} is invalid: must be a number >= 0.")
+    lr = cfg.meta_lora_inner_lr
+    if lr is not None and not (_number(lr) and lr > 0):
+        raise ValueError(f"meta_lora_inner_lr={lr!r} is invalid: must be a number > 0, or null.")
 
 
 def apply_schedule(cfg: TrainConfig, on_gpu: bool) -> str:

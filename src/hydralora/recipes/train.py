@@ -20,7 +20,7 @@ from .._checkpointing import checkpointing_training_args
 from .._extras import require_extra
 from ..models import pick_device
 from .config import RUN_FILE, RunSpec, apply_schedule
-from .methods import build_model, is_hydra, uses_router
+from .methods import build_model, is_hydra, staged_training, uses_router
 from .response_logits import keep_response_logits, logits_to_keep_support
 
 
@@ -335,7 +335,11 @@ def run_train(spec: RunSpec) -> dict:
         resume = str(ckpts[-1]) if ckpts else None
         print(f"[hydralora] resuming from {resume}" if resume else "[hydralora] --resume: no checkpoint yet, starting fresh")
     t = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    # Multi-stage methods (LoPE, ThanoRA, MeTA-LoRA) drive the configured Trainer themselves: recipes/methods.py.
+    staged = staged_training(cfg.method)
+    result = staged(trainer, train_ex, spec, tokenizer) if staged else trainer.train(resume_from_checkpoint=resume)
+    if staged:
+        metrics["stages"] = result.metrics.get("stages")
     train_seconds = time.time() - t
     tokens = sum(len(f["input_ids"]) for f in train_ds.features)
     seen = min(1.0, cfg.max_steps * cfg.per_device_batch_size * cfg.gradient_accumulation_steps / max(1, len(train_ds)))

@@ -1,0 +1,185 @@
+"""ThanoRA: one plain LoRA whose rank is split into per-task subspaces at initialisation, each sized by the task's
+heterogeneity, and kept apart during training by an orthogonality regulariser ("ThanoRA: Task
+Heterogeneity-Aware Multi-Task Low-Rank Adaptation", arXiv:2505.18640). No router: the result is a stock PEFT LoRA
+adapter that merges like any other.
+
+What is ours where the paper is not specific to us:
+- heterogeneity of a task = the entropy-based effective rank (exp of the entropy of the normalised eigenvalues) of
+  the covariance of its inputs to each adapted layer, averaged over layers, divided by the layer's width;
+- task t gets r_t of the r ranks in proportion to it (largest remainder, at least 1 each);
+- the rows of A for task t are the top-r_t principal directions of task t's layer inputs, taken orthogonal to the
+  rows already given to earlier tasks, scaled to the row norm of LoRA's default init; B starts at zero;
+- the regulariser is the mean squared cosine between A's rows (and B's columns) of different tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+# Row norm of LoRA's default A init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(k), 1/sqrt(k)) has k / (3k) per row.
+_A_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+def lora_layers(model: nn.Module, adapter_name: str = "default") -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+
+
+@torch.no_grad()
+def _covariances(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], adapter_name: str) -> dict[str, torch.Tensor]:
+    """Uncentred covariance (k, k), fp32, of every LoRA layer's input over the real tokens of `batches`."""
+    layers = lora_layers(model, adapter_name)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    state: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in layers:
+        def pre_hook(module, args, name=name):
+            x = args[0]
+            mask = state.get("mask")
+            if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                x = x[mask.bool()]  # (T', k): real tokens only
+            x = x.reshape(-1, x.shape[-1]).float()  # (T', k)
+            sums[name] = sums.get(name, 0) + x.T @ x  # (k, k)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        handles.append(layer.register_forward_pre_hook(pre_hook))
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    try:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                state["mask"] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: sums[n] / max(1, counts[n]) for n in sums}
+
+
+def _effective_rank(cov: torch.Tensor) -> float:
+    """exp(entropy of the normalised eigenvalues): 1 for one direction, k for an isotropic spread."""
+    eig = torch.linalg.eigvalsh(cov.float()).double().clamp_min(0.0)  # (k,): fp32 is enough for an entropy
+    total = eig.sum()
+    if total <= 0:
+        return 1.0
+    p = eig / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy.exp())
+
+
+def task_heterogeneity(model: nn.Module, task_batches: Mapping[str, list], adapter_name: str = "default") -> dict[str, float]:
+    """Per task: mean over adapted layers of effective rank / width of the task's layer inputs, in (0, 1]."""
+    out = {}
+    for task in sorted(task_batches):
+        covs = _covariances(model, task_batches[task], adapter_name)
+        out[task] = sum(_effective_rank(c) / c.shape[0] for c in covs.values()) / max(1, len(covs))
+    return out
+
+
+def allocate_ranks(heterogeneity: Mapping[str, float], r: int) -> dict[str, int]:
+    """Split rank r over the tasks in proportion to their heterogeneity: at least 1 each, largest remainder."""
+    tasks = sorted(heterogeneity)
+    if r < len(tasks):
+        raise ValueError(f"r={r} is invalid for ThanoRA: each of the {len(tasks)} tasks needs at least one rank, so r must be >= {len(tasks)}.")
+    h = torch.tensor([max(float(heterogeneity[t]), 1e-12) for t in tasks], dtype=torch.float64)
+    share = h / h.sum() * (r - len(tasks))  # the ranks beyond the first of each task
+    base = share.floor().long()
+    rest = (r - len(tasks)) - int(base.sum())
+    order = torch.argsort(share - base, descending=True, stable=True)
+    base[order[:rest]] += 1
+    return {t: 1 + int(b) for t, b in zip(tasks, base)}
+
+
+@torch.no_grad()
+def init_task_subspaces(model: nn.Module, task_batches: Mapping[str, list], ranks: Mapping[str, int],
+                        adapter_name: str = "default", seed: int = 0) -> dict[str, tuple[int, int]]:
+    """Write every LoRA A as stacked per-task blocks (task order: sorted): block t holds the top-ranks[t] principal
+    directions of task t's inputs orthogonal to the earlier blocks. Returns the row slice of each task."""
+    tasks = sorted(ranks)
+    r_total = sum(ranks.values())
+    slices, start = {}, 0
+    for t in tasks:
+        slices[t] = (start, start + ranks[t])
+        start += ranks[t]
+    layers = dict(lora_layers(model, adapter_name))
+    for name, layer in layers.items():
+        if layer.r[adapter_name] != r_total:
+            raise ValueError(f"ranks sum to {r_total} but layer {name} has r={layer.r[adapter_name]}.")
+        k = layer.lora_A[adapter_name].weight.shape[1]
+        if k < r_total:
+            raise ValueError(f"layer {name} has {k} input features, fewer than r={r_total}: ThanoRA needs r <= {k}.")
+    gen = torch.Generator().manual_seed(seed)
+    basis: dict[str, torch.Tensor] = {}  # layer -> (m, k) orthonormal rows given so far
+    for t in tasks:
+        covs = _covariances(model, task_batches[t], adapter_name)
+        for name, cov in covs.items():
+            k, dev = cov.shape[0], cov.device
+            U = basis.get(name, torch.zeros(0, k, dtype=torch.float64, device=dev))  # (m, k)
+            P = torch.eye(k, dtype=torch.float64, device=dev) - U.T @ U  # (k, k): projector off the earlier blocks
+            C = P @ cov.double() @ P  # (k, k)
+            _, vecs = torch.linalg.eigh(C.float())  # ascending eigenvalues; fp32 (the QR below is fp64)
+            top = vecs[:, -ranks[t]:].flip(-1).double()  # (k, r_t)
+            # Directions with zero variance may lie anywhere in C's null space: project them off the earlier blocks
+            # again (with a tiny random tie-breaker) and orthonormalise.
+            jitter = torch.randn(k, ranks[t], generator=gen, dtype=torch.float64).to(dev) * 1e-6  # (k, r_t)
+            Q, _ = torch.linalg.qr(P @ (top + jitter))  # (k, r_t)
+            basis[name] = torch.cat([U, Q.T], 0)  # (m + r_t, k)
+    for name, layer in layers.items():
+        W = layer.lora_A[adapter_name].weight  # (r, k)
+        W.copy_((basis[name] * _A_ROW_NORM).to(device=W.device, dtype=W.dtype))
+        nn.init.zeros_(layer.lora_B[adapter_name].weight)
+    return slices
+
+
+def _cross_mask(slices: Mapping[str, tuple[int, int]], r: int, device) -> torch.Tensor:
+    """(r, r) mask: 1 where the two ranks belong to different tasks."""
+    owner = torch.empty(r, dtype=torch.long)
+    for i, (a, b) in enumerate(slices.values()):
+        owner[a:b] = i
+    return (owner[:, None] != owner[None, :]).float().to(device)
+
+
+def _cross_cos2(M: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between the rows of M (r, n) that belong to different tasks."""
+    Mh = M.float() / M.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (r, n)
+    G = Mh @ Mh.T  # (r, r)
+    return (G.pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def thanora_penalty(model: nn.Module, slices: Mapping[str, tuple[int, int]], adapter_name: str = "default"):
+    """A callable: mean over LoRA layers of the cross-task squared cosines of A's rows plus those of B's columns."""
+    layers = [layer for _, layer in lora_layers(model, adapter_name)]
+    r = max(b for _, b in slices.values())
+    masks: dict = {}
+
+    def penalty() -> torch.Tensor:
+        terms = []
+        for layer in layers:
+            A = layer.lora_A[adapter_name].weight  # (r, k)
+            B = layer.lora_B[adapter_name].weight  # (d, r)
+            mask = masks.get(A.device)
+            if mask is None:
+                mask = masks[A.device] = _cross_mask(slices, r, A.device)
+            terms.append(_cross_cos2(A, mask) + _cross_cos2(B.T, mask))
+        return torch.stack(terms).mean()
+
+    return penalty
+
+
+@torch.no_grad()
+def subspace_overlap(model: nn.Module, slices: Mapping[str, tuple[int, int]], adapter_name: str = "default") -> float:
+    """Largest |cosine| between rows of A that belong to different tasks, over all LoRA layers (0: orthogonal)."""
+    worst = 0.0
+    for _, layer in lora_layers(model, adapter_name):
+        A = layer.lora_A[adapter_name].weight.float()  # (r, k)
+        mask = _cross_mask(slices, A.shape[0], A.device)
+        Ah = A / A.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (r, k)
+        worst = max(worst, float(((Ah @ Ah.T).abs() * mask).max()))
+    return worst
