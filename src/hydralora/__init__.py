@@ -10,6 +10,7 @@ from .tuner import HydraLinear, HydraLoraConfig, HydraLoraLayer, HydraLoraModel
 _register(HydraLoraConfig, HydraLoraModel)
 
 from .export import export_lora, merge_and_unload  # noqa: E402
+from .loading import load_adapter  # noqa: E402
 from .routing import expert_usage, get_aux_loss, get_routing, hydra_layers, set_routing  # noqa: E402
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "get_aux_loss",
     "get_routing",
     "hydra_layers",
+    "load_adapter",
     "merge_and_unload",
     "set_routing",
 ]

@@ -68,22 +68,21 @@ def parse_gate(text: str):
 
 def _load_adapter(adapter: str, model_name: Optional[str], device: str):
     """(PeftModel, tokenizer, run record) for a saved adapter folder."""
-    import peft
-
+    from .loading import check_adapter_weights, load_adapter, read_adapter_config
     from .models import load_model_and_tokenizer
     from .recipes.train import RUN_FILE, pick_device
 
     path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"--adapter {adapter}: no adapter_config.json there.")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise ValueError(f"--adapter {adapter}: no adapter_model.safetensors there (adapters load only from safetensors).")
-    run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
-    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg = read_adapter_config(path)  # both files checked before the base model is loaded
+    check_adapter_weights(path)
+    try:
+        run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
+    except ValueError as err:
+        raise ValueError(f"{path / RUN_FILE}: not valid JSON ({err}); delete it to load the adapter without the run's settings.") from None
     name = model_name or run.get("model") or cfg.get("base_model_name_or_path") or "smollm2"
     device = pick_device(device)
     base, tok = load_model_and_tokenizer(name, dtype=None, device=device)
-    model = peft.PeftModel.from_pretrained(base, str(path)).eval()
+    model = load_adapter(base, path).eval()
     return model, tok, run, device
 
 
@@ -174,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ._fs import staged_dir
+from ._fs import remove_stale_stages, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
+        for stale in remove_stale_stages(target):  # a conversion killed midway (we hold the lock: none is live)
+            logger.info("removed %s, left by an interrupted conversion", stale)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         logger.info("converting %s to %s (one-off, ~20 s)", pkg_dir / SMOLLM2_GGUF, target)

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import HydraLoraConfig
 from .layer import MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
+from .state_check import register as register_state_check
 
 
 def _linear_module_names(model: nn.Module) -> list[str]:
@@ -39,6 +40,7 @@ class HydraLoraModel(BaseTuner):
             self.model.register_forward_hook(self._post_forward, with_kwargs=True),
         ]
         self.aux_loss: Optional[torch.Tensor] = None
+        register_state_check(self)  # adapter weights that fit no module, or of another shape, are refused by name
 
     # ----------------------------------------------------------------------------------------------------------
     # injection
