@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import HydraLoraConfig
 from .layer import MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
 from .state_check import register as register_state_check
+from .state_check import register as register_state_check
 
 
 def _linear_module_names(model: nn.Module) -> list[str]:
@@ -22,6 +23,13 @@ def _linear_module_names(model: nn.Module) -> list[str]:
         if isinstance(module, (nn.Linear, Conv1D)) and name:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+FUSED_HEAD_DROPS_BALANCE_LOSS = (
+    "HydraLoraConfig.balance_loss_coef > 0, but this trainer computes its loss from a fused LM head (TRL's "
+    "SFTTrainer) and would drop HydraLoRA's balance loss without a word. Train with "
+    "hydralora.integrations.trl.HydraSFTTrainer (SFTTrainer that adds and logs it), or set balance_loss_coef=0."
+)
 
 
 class HydraLoraModel(BaseTuner):
@@ -40,6 +48,9 @@ class HydraLoraModel(BaseTuner):
             self.model.register_forward_hook(self._post_forward, with_kwargs=True),
         ]
         self.aux_loss: Optional[torch.Tensor] = None
+        # True when the trainer adds coef * aux_loss to its own loss (hydralora.integrations.trl.HydraSFTTrainer)
+        self.trainer_adds_balance_loss = False
+        register_state_check(self)  # adapter weights that fit no module, or of another shape, are refused by name
         register_state_check(self)  # adapter weights that fit no module, or of another shape, are refused by name
 
     # ----------------------------------------------------------------------------------------------------------
@@ -146,6 +157,8 @@ class HydraLoraModel(BaseTuner):
         aux = torch.stack([t.to(terms[0].device) for t in terms]).mean()  # mean over adapted layers
         self.aux_loss = aux
         loss = getattr(output, "loss", None)
+        if coef > 0 and not self.trainer_adds_balance_loss and getattr(output, "log_probs", None) is not None:
+            raise RuntimeError(FUSED_HEAD_DROPS_BALANCE_LOSS)
         if loss is not None and coef > 0:
             output.loss = loss + coef * aux.to(loss.dtype)
         return output
