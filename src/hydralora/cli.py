@@ -51,6 +51,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-base", action="store_true", help="Skip the base model's score.")
     p.add_argument("--device", default="auto")
+    p.add_argument("--harness", metavar="TASKS",
+                   help="Also score with lm-evaluation-harness (pip install 'hydralora[eval]'): 'all' or comma-separated "
+                        "task names of the evaluated data, run as local lm-eval tasks on the same examples.")
     p.set_defaults(func=_run_eval)
 
 
@@ -115,6 +118,9 @@ def _run_eval(args) -> int:
     result["per_task"] = result["adapted"]["per_task"]
     result["mean"] = result["adapted"]["mean_accuracy"]
     print(format_table(result["adapted"], baseline=result.get("base")))
+    if args.harness:
+        result["harness"] = _run_harness(args.harness, model, tok, examples, use_chat, kw)
+        print(format_table(result["harness"], title="harness"))
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +128,27 @@ def _run_eval(args) -> int:
     else:
         print(text)
     return 0
+
+
+def _run_harness(spec: str, model, tok, examples, use_chat: bool, kw: dict) -> dict:
+    """lm-eval on the examples `hydralora eval` scored: task definitions written to a temporary folder."""
+    import tempfile
+
+    from .eval.harness import run_harness, write_tasks
+
+    present = sorted({e.task for e in examples})
+    wanted = present if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(present))
+    if unknown or not wanted:
+        raise ValueError(f"--harness {spec!r}: unknown task(s) {unknown}; allowed: 'all' or names among {present}.")
+    chosen = [e for e in examples if e.task in set(wanted)]
+    with tempfile.TemporaryDirectory(prefix="hydralora-harness-") as tmp:
+        names = write_tasks(chosen, tmp, tokenizer=tok, use_chat_template=use_chat, max_new_tokens=kw["max_new_tokens"])
+        out = run_harness(model, tok, names, tmp, batch_size=kw["batch_size"], max_length=kw["max_length"])
+    counts = {t: sum(e.task == t for e in chosen) for t in names}
+    out["tasks"] = {t: {"accuracy": out["per_task"][t], "n": counts[t]} for t in names}
+    out["n_examples"] = len(chosen)
+    return out
 
 
 def _add_export(sub) -> None:
