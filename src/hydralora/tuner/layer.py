@@ -14,6 +14,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from ..compile_check import check_training_compile
 from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
 from ..ops.fused import _flat_B, add_usage, capturing as _capturing
 from ..ops.project import dropout_project, use_dropout_project
@@ -300,6 +301,8 @@ class HydraLoraLayer(BaseTunerLayer):
         """
         cfg = self.hconfig[adapter_name]
         aux = None
+        if self.training and torch.compiler.is_compiling():
+            check_training_compile()  # reduce-overhead (CUDA graphs) crashed training: refused with a clear error
         if self.training and cfg.balance_loss_coef > 0 and self.routing_mode == "token":
             n = gate.shape[-1]
             mask = self._mask_for(x)
