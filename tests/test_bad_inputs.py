@@ -260,3 +260,33 @@ def test_interrupted_conversion_leftovers_are_removed_on_the_next_one(tmp_path, 
     with pytest.raises(Stop):
         models.ensure_smollm2(target)
     assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------------ 4-bit bases
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_4bit_on_a_machine_without_cuda_is_a_clear_error(toy, tmp_path):
+    from hydralora.models import load_model_and_tokenizer
+
+    with pytest.raises(ValueError, match=r"load_in_4bit=True needs a CUDA GPU \(torch sees no CUDA device\)"):
+        load_model_and_tokenizer(str(toy / "model"), load_in_4bit=True)
+    with pytest.raises(ValueError, match=r"load_in_4bit=True needs a CUDA GPU"):
+        run_train(toy_spec(toy, tmp_path / "run", load_in_4bit="true"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_merge_into_a_quantized_base_is_refused_and_export_still_works(tmp_path):
+    """A base layer whose weight is not floating point (as bitsandbytes' Linear4bit / Linear8bitLt store it) is never
+    merged into; a stock LoRA export, which leaves the base alone, still works."""
+    model = peft.get_peft_model(_llama(layers=1), HydraLoraConfig(r=4, num_experts=2, target_modules=["q_proj"],
+                                                                  init_b="rlora"))
+    layer = hydralora.hydra_layers(model)[0][1]
+    base = layer.get_base_layer()
+    base.weight = torch.nn.Parameter(torch.zeros_like(base.weight, dtype=torch.uint8), requires_grad=False)
+    before = base.weight.clone()
+    with pytest.raises(ValueError, match=r"cannot merge into a quantized base layer \(Linear, weight dtype torch.uint8\)"
+                                         r".*export_lora"):
+        hydralora.merge_and_unload(model, "mean")
+    assert torch.equal(base.weight, before) and not layer.merged
+    assert len(model.base_model._hydra_hooks) == 2  # the refused merge left the model as it was
+    hydralora.export_lora(model, str(tmp_path / "lora"), "mean")
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

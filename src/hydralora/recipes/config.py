@@ -62,6 +62,7 @@ class TrainConfig:
     eval_base: bool = field(default=True, metadata={"help": "Also evaluate the base model (adapter disabled)."})
     report: bool = field(default=True, metadata={"help": "Write report.md with plots."})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu' or 'cuda'."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only) and prepare it with peft's prepare_model_for_kbit_training."})
 
 
 @dataclass
@@ -91,7 +92,7 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
     """Command-line override strings -> the type of the field's current value."""
     if not isinstance(value, str):
         return value
-    if isinstance(current, bool) or name in {"resume", "gradient_checkpointing", "response_logits_only", "use_chat_template", "skip_bad_rows", "report", "eval_base", "expert_dropout", "shared_a", "track_usage"}:
+    if isinstance(current, bool) or name in {"resume", "gradient_checkpointing", "response_logits_only", "use_chat_template", "skip_bad_rows", "report", "eval_base", "expert_dropout", "shared_a", "track_usage", "load_in_4bit"}:
         if value.lower() in {"true", "1", "yes"}:
             return True
         if value.lower() in {"false", "0", "no"}:

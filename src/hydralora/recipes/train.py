@@ -301,6 +301,10 @@ def run_train(spec: RunSpec) -> dict:
     cfg = spec.train
     t_start = time.time()
     device = pick_device(cfg.device)
+    if cfg.load_in_4bit:
+        from ..models import check_4bit_available
+
+        check_4bit_available(device)  # before anything is written or loaded
     schedule = apply_schedule(cfg, on_gpu=device == "cuda")
     out_path = Path(cfg.output_dir) if cfg.output_dir else None
     fresh = out_path is None or not out_path.exists() or not any(out_path.iterdir())
@@ -338,7 +342,12 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
     if auto_n is not None:
         print(f"[hydralora] num_experts='auto' -> N={spec.adapter['num_experts']} ({auto_n.get('method')})")
     set_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, device=device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, device=device, load_in_4bit=cfg.load_in_4bit)
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(cfg.seed)
     model = build_model(model, cfg.method, spec.adapter)
     model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model)

@@ -29,6 +29,14 @@ MERGE_UNDER_TOKEN_ROUTING = (
 )
 
 
+MERGE_INTO_QUANTIZED = (
+    "HydraLoRA cannot merge into a quantized base layer ({kind}, weight dtype {dtype}): adding the update to 4-bit "
+    "or 8-bit weights would re-quantize them and lose most of it. Export instead: hydralora.export_lora(model, path, "
+    "gate) writes a stock LoRA adapter that runs on the same quantized base; or merge into the base loaded "
+    "unquantized: `hydralora export ADAPTER OUT --merge --gate mean` (it loads the base in full precision)."
+)
+
+
 def balance_loss(probs: torch.Tensor, kind: str, top_k: Optional[int] = None) -> torch.Tensor:
     """Load-balancing loss of router probabilities `probs` (T, N), fp32.
 
@@ -484,6 +492,8 @@ class HydraLinear(nn.Module, HydraLoraLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
+        if not torch.is_floating_point(base.weight):
+            raise ValueError(MERGE_INTO_QUANTIZED.format(kind=type(base).__name__, dtype=base.weight.dtype))
         for name in adapter_names:
             if name not in self.hydralora_A:
                 continue

@@ -11,7 +11,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from .config import HydraLoraConfig
-from .layer import MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
+from .layer import MERGE_INTO_QUANTIZED, MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
 from .state_check import register as register_state_check
 from .state_check import register as register_state_check
 
@@ -164,6 +164,8 @@ class HydraLoraModel(BaseTuner):
         return output
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
+        if kwargs.get("merge", args[0] if args else True):
+            self._check_merge_allowed()  # before the hooks go: a refused merge leaves the model working
         for handle in self._hydra_hooks:
             handle.remove()
         self._hydra_hooks = []
@@ -175,3 +177,6 @@ class HydraLoraModel(BaseTuner):
         for _, layer in self.hydra_layers():
             if layer.routing_mode != "fixed":
                 raise ValueError(MERGE_UNDER_TOKEN_ROUTING)
+            base = layer.get_base_layer()
+            if not torch.is_floating_point(base.weight):
+                raise ValueError(MERGE_INTO_QUANTIZED.format(kind=type(base).__name__, dtype=base.weight.dtype))
