@@ -175,7 +175,11 @@ def hydra_checks(model, folder: Path, work: Path, args) -> dict:
     # The gates each mode applies, read on the first adapted layer's real input.
     name, layer = hydralora.hydra_layers(loaded)[0]
     seen = {}
-    handle = layer.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
+
+    def keep_input(module, args):
+        seen.setdefault("x", args[0].detach())  # returns None: the call's input is left as it is
+
+    handle = layer.register_forward_pre_hook(keep_input)
     logits_of(loaded, ids)
     handle.remove()
     gates = {}
