@@ -242,3 +242,32 @@ def test_stability_scores_do_not_depend_on_prediction_strength():
     b = suggest_num_experts(TEXTS, k_range=range(2, 6), method="lsa-stability", seed=3,
                             ps_rounds=3)
     assert a.scores["stability"] == b.scores["stability"]
+
+
+@pytest.mark.parametrize("method", ["lsa-consensus", "tfidf-elbow"])
+def test_identical_documents_give_one_expert_with_a_note(method, tmp_path):
+    # Every K ties on such data (SSE 0, stability 1); the sweep's tie rule would pick the largest K.
+    texts = ["Q: Is the sky blue? A:"] * 30
+    res = suggest_num_experts(texts, k_range=range(2, 11), method=method)
+    assert res.k == 1
+    assert res.notes and "identical" in res.notes[0]
+    assert (res.labels == 0).all()
+    k, info = resolve_num_experts(texts, k_range=range(2, 11))
+    assert k == 1 and info["notes"]
+    json.dumps(info)
+
+
+def test_same_template_documents_give_one_expert():
+    # Distinct strings, but the template features (numbers and rare words stripped) coincide.
+    texts = [f"Compute {i} plus {i + 1}." for i in range(60)]  # each number is in < 5% of texts
+    res = suggest_num_experts(texts, k_range=range(2, 6))
+    assert res.k == 1 and "same features" in res.notes[0]
+
+
+def test_analyze_identical_documents(tmp_path, capsys):
+    data = tmp_path / "same.jsonl"
+    data.write_text("".join(json.dumps({"task": "t", "input": "same prompt", "target": "x"}) + "\n" for _ in range(20)))
+    assert run_analyze(parse([data, "--out", tmp_path / "an", "--k-max", 5])) == 0
+    summary = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert summary["k"] == 1 and summary["notes"]
+    assert (tmp_path / "an" / "elbow.png").stat().st_size > 0

@@ -67,6 +67,25 @@ def test_skip_bad_rows_counts(tmp_path):
     assert rows.skipped == 2 and "d.jsonl:3" in rows.errors[0] and "d.jsonl:4" in rows.errors[1]
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv"])
+def test_non_utf8_bytes_name_file_line_and_byte(tmp_path, suffix):
+    latin1 = "caf\u00e9".encode("latin-1")  # b"caf\xe9": valid Latin-1, not UTF-8
+    p = tmp_path / f"d.{suffix}"
+    if suffix == "jsonl":
+        p.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"task": "t", "input": "' + latin1 + b'", "target": "x"}\n')
+    elif suffix == "json":
+        p.write_bytes(b'[\n' + json.dumps(ROWS[0]).encode() + b',\n{"task": "t", "input": "' + latin1 + b'", "target": "x"}\n]')
+    else:
+        p.write_bytes(b"task,input,target\ncount,How many?,three\nt," + latin1 + b",x\n")
+    with pytest.raises(DataError) as e:
+        list(read_rows(p))
+    line = {"jsonl": 2, "json": 3, "csv": 3}[suffix]
+    assert f"d.{suffix}:{line}" in str(e.value) and "not UTF-8" in str(e.value) and "0xe9" in str(e.value)
+    if suffix == "jsonl":  # one bad line can be skipped like any malformed row
+        rows = read_rows(p, skip_bad_rows=True)
+        assert len(list(rows)) == 1 and rows.skipped == 1
+
+
 def test_empty_and_missing_files(tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(DataError, match="empty"):

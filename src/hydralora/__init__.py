@@ -10,6 +10,7 @@ from .tuner import HydraLinear, HydraLoraConfig, HydraLoraLayer, HydraLoraModel
 _register(HydraLoraConfig, HydraLoraModel)
 
 from .export import export_lora, merge_and_unload  # noqa: E402
+from .loading import load_adapter  # noqa: E402
 from .routing import (  # noqa: E402
     expert_usage, get_aux_loss, get_ortho_loss, get_route_loss, get_routing, hydra_layers, set_route_target_weight,
     set_routing,
@@ -30,6 +31,7 @@ __all__ = [
     "get_route_loss",
     "get_routing",
     "hydra_layers",
+    "load_adapter",
     "merge_and_unload",
     "router_entropy",
     "set_route_target_weight",

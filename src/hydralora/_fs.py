@@ -24,3 +24,14 @@ def staged_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_stages(target: Path) -> list[Path]:
+    """Remove the staging folders a killed `staged_dir(target)` left beside `target`. Only call this while holding
+    the lock that serialises writers of `target`: a live writer's folder would be removed too."""
+    removed = []
+    for tmp in Path(target).parent.glob(Path(target).name + ".tmp-*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed

@@ -55,6 +55,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-base", action="store_true", help="Skip the base model's score.")
     p.add_argument("--device", default="auto")
+    p.add_argument("--harness", metavar="TASKS",
+                   help="Also score with lm-evaluation-harness (pip install 'hydralora[eval]'): 'all' or comma-separated "
+                        "task names of the evaluated data, run as local lm-eval tasks on the same examples.")
     p.set_defaults(func=_run_eval)
 
 
@@ -72,24 +75,22 @@ def parse_gate(text: str):
 
 def _load_adapter(adapter: str, model_name: Optional[str], device: str):
     """(PeftModel, tokenizer, run record) for a saved adapter folder."""
-    import peft
-
-    from ._peft_compat import quiet_peft_checkpointing_probe
+    from .loading import check_adapter_weights, load_adapter, read_adapter_config
     from .models import load_model_and_tokenizer, pick_device
     from .recipes.config import RUN_FILE
 
     path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"--adapter {adapter}: no adapter_config.json there.")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise ValueError(f"--adapter {adapter}: no adapter_model.safetensors there (adapters load only from safetensors).")
-    run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
-    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg = read_adapter_config(path)  # both files checked before the base model is loaded
+    check_adapter_weights(path)
+    try:
+        run = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).is_file() else {}
+    except ValueError as err:
+        raise ValueError(f"{path / RUN_FILE}: not valid JSON ({err}); delete it to load the adapter without the run's settings.") from None
     name = model_name or run.get("model") or cfg.get("base_model_name_or_path") or "smollm2"
     device = pick_device(device)
     base, tok = load_model_and_tokenizer(name, dtype=None, device=device)
     with quiet_peft_checkpointing_probe():
-        model = peft.PeftModel.from_pretrained(base, str(path)).eval()
+        model = load_adapter(base, path).eval()
     return model, tok, run, device
 
 
@@ -123,6 +124,9 @@ def _run_eval(args) -> int:
     result["per_task"] = result["adapted"]["per_task"]
     result["mean"] = result["adapted"]["mean_accuracy"]
     print(format_table(result["adapted"], baseline=result.get("base")))
+    if args.harness:
+        result["harness"] = _run_harness(args.harness, model, tok, examples, use_chat, kw)
+        print(format_table(result["harness"], title="harness"))
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,27 @@ def _run_eval(args) -> int:
     else:
         print(text)
     return 0
+
+
+def _run_harness(spec: str, model, tok, examples, use_chat: bool, kw: dict) -> dict:
+    """lm-eval on the examples `hydralora eval` scored: task definitions written to a temporary folder."""
+    import tempfile
+
+    from .eval.harness import run_harness, write_tasks
+
+    present = sorted({e.task for e in examples})
+    wanted = present if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(present))
+    if unknown or not wanted:
+        raise ValueError(f"--harness {spec!r}: unknown task(s) {unknown}; allowed: 'all' or names among {present}.")
+    chosen = [e for e in examples if e.task in set(wanted)]
+    with tempfile.TemporaryDirectory(prefix="hydralora-harness-") as tmp:
+        names = write_tasks(chosen, tmp, tokenizer=tok, use_chat_template=use_chat, max_new_tokens=kw["max_new_tokens"])
+        out = run_harness(model, tok, names, tmp, batch_size=kw["batch_size"], max_length=kw["max_length"])
+    counts = {t: sum(e.task == t for e in chosen) for t in names}
+    out["tasks"] = {t: {"accuracy": out["per_task"][t], "n": counts[t]} for t in names}
+    out["n_examples"] = len(chosen)
+    return out
 
 
 def _add_export(sub) -> None:
@@ -181,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError, MissingExtraError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, MissingExtraError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

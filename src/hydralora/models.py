@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ._extras import require_extra
-from ._fs import staged_dir
+from ._fs import remove_stale_stages, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
+        for stale in remove_stale_stages(target):  # a conversion killed midway (we hold the lock: none is live)
+            logger.info("removed %s, left by an interrupted conversion", stale)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         logger.info("converting %s to %s (one-off, ~20 s)", pkg_dir / SMOLLM2_GGUF, target)
@@ -179,27 +181,49 @@ def load_tokenizer(name_or_path: str = "smollm2"):
     return tok
 
 
-def load_model_and_tokenizer(name_or_path: str = "smollm2", dtype=None, device=None):
+def check_4bit_available(device: str | torch.device | None = None) -> None:
+    """Raise ValueError saying why a 4-bit (bitsandbytes NF4) base cannot be loaded here, if it cannot."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        where = "torch sees no CUDA device" if not torch.cuda.is_available() else f"device={str(device)!r}"
+        raise ValueError(f"load_in_4bit=True needs a CUDA GPU ({where}): bitsandbytes' 4-bit layers run on CUDA. "
+                         "Train with load_in_4bit=false on this machine.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("load_in_4bit=True needs the bitsandbytes package: pip install 'hydralora[qlora]'.")
+
+
+def load_model_and_tokenizer(name_or_path: str = "smollm2", dtype=None, device=None, load_in_4bit: bool = False):
     """Load a causal LM and its tokenizer.
 
     name_or_path: "smollm2" (default: the packaged SmolLM2-135M-Instruct, converted and cached
     on first use), a local HF model folder, or a hub id (needs network).
     dtype: torch dtype or "float32"/"bfloat16"/"float16"; None picks bf16 on CUDA, else fp32.
     device: where to put the model (None: leave on CPU).
+    load_in_4bit: a bitsandbytes NF4 base (QLoRA: double quantization, compute in ``dtype``, bf16 by default);
+    needs CUDA and bitsandbytes, else a ValueError says so.
     Returns (model in eval mode, tokenizer with a pad token).
     """
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        check_4bit_available(device or "cuda")
+        compute = resolve_dtype(dtype if dtype not in (None, torch.float32, "float32") else "bfloat16", "cuda")
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_use_double_quant=True,
+                                                            bnb_4bit_compute_dtype=compute),
+                  "device_map": {"": torch.device(device or "cuda").index or 0}}
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
     tok = load_tokenizer(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except OSError as err:
         raise _hub_error(name_or_path, err) from err
     if model.generation_config.pad_token_id is None and tok.pad_token_id is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    if device is not None:
+    if device is not None and not load_in_4bit:  # a quantized model is placed by device_map and cannot be moved
         model.to(device)
     model.eval()
     return model, tok

@@ -52,6 +52,13 @@ def plot_scores(res: ClusteringResult, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "sse" not in res.scores:  # no sweep was run (degenerate data): say why instead of a curve
+        fig, ax = plt.subplots(figsize=(4.2, 3.4))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "\n".join([f"chosen K = {res.k}", *res.notes]), ha="center", va="center", wrap=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     extra = [n for n in ("stability", "prediction_strength", "silhouette") if n in res.scores]
     fig, axes = plt.subplots(1, 1 + len(extra), figsize=(4.2 * (1 + len(extra)), 3.4))
     axes = axes if hasattr(axes, "__len__") else [axes]

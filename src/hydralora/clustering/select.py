@@ -188,6 +188,10 @@ def _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_do
     rng = np.random.default_rng(seed)
     notes: list[str] = []
 
+    if len(set(texts)) == 1:
+        # Every K ties on such data (SSE 0, perfect stability), so no sweep can pick one.
+        return _one_cluster(ks, method, n, seed, t0, "all documents are identical: one cluster, N=1")
+
     if method == "tfidf-elbow":
         X = paper_tfidf(texts)
         sse, models = [], {}
@@ -206,6 +210,10 @@ def _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_do
                                 time.perf_counter() - t0, n, seed, notes)
 
     Z = template_lsa(texts, seed=seed, n_components=n_components, min_df=min_df)
+    distinct = len(np.unique(np.round(Z, 6), axis=0))
+    if distinct == 1:
+        return _one_cluster(ks, method, n, seed, t0,
+                            "all documents share the same features (the same template): one cluster, N=1")
     if n > max_sweep_docs:
         sample = np.sort(rng.choice(n, max_sweep_docs, replace=False))
         notes.append(f"K sweep on a seeded sample of {max_sweep_docs} of {n} texts")
@@ -242,6 +250,11 @@ def _suggest(texts, ks, method, seed, n_components, min_df, n_init, max_sweep_do
     labels = models[k].predict(Z).astype(np.int64) if m < n else models[k].labels_.astype(np.int64)
     return ClusteringResult(k, method, ks, scores, labels, time.perf_counter() - t0, n, seed,
                             notes)
+
+
+def _one_cluster(ks, method, n, seed, t0, note) -> ClusteringResult:
+    return ClusteringResult(1, method, ks, {}, np.zeros(n, dtype=np.int64), time.perf_counter() - t0, n, seed,
+                            [note])
 
 
 def _prediction_strength(Z, k, rng, rounds, n_init=3) -> float:

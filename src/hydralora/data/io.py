@@ -119,8 +119,13 @@ def _kind(p: Path) -> str:
 
 def _iter_jsonl(rows: Rows):
     # Parsed line by line (not through datasets/pandas) so errors carry the true line number.
-    with open(rows.path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(rows.path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                rows.bad_row(DataError(_not_utf8(err, column=True), rows.path, lineno))
+                continue
             if not line.strip():
                 continue
             try:
@@ -137,9 +142,14 @@ def _iter_jsonl(rows: Rows):
 
 
 def _iter_json(rows: Rows):
+    raw = rows.path.read_bytes()
     try:
-        with open(rows.path, encoding="utf-8") as f:
-            data = json.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(_not_utf8(err), rows.path, line) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"invalid JSON ({err.msg})", rows.path, err.lineno) from err
     if isinstance(data, dict):
@@ -157,6 +167,24 @@ def _iter_json(rows: Rows):
                                    rows.path, i, unit="row"))
             continue
         yield i, obj
+
+
+def _not_utf8(err: UnicodeDecodeError, column: bool = False) -> str:
+    """The message for bytes that are not UTF-8: which byte, where, and what to do."""
+    byte = err.object[err.start:err.start + 1].hex()
+    where = f" at column {err.start + 1}" if column else ""
+    return (f"not UTF-8 text: byte 0x{byte}{where} ({err.reason}); save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)")
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise DataError naming the line of the first byte that is not UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(_not_utf8(err, column=True), path, lineno) from None
 
 
 def _clean_record(rec: dict) -> dict:
@@ -177,6 +205,7 @@ def _iter_csv(rows: Rows):
     except ImportError as err:
         raise missing_extra(err.name, "Reading CSV data") from err
 
+    _check_utf8(rows.path)
     try:
         # dtype=str and no NA parsing: "None"/"NA" answers stay strings; empty cells -> "".
         df = pd.read_csv(rows.path, dtype=str, keep_default_na=False)

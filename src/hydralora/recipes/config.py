@@ -74,6 +74,7 @@ class TrainConfig:
     eval_base: bool = field(default=True, metadata={"help": "Also evaluate the base model (adapter disabled)."})
     report: bool = field(default=True, metadata={"help": "Write report.md with plots."})
     device: Device = field(default="auto", metadata={"help": f"One of {DEVICES}."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only) and prepare it with peft's prepare_model_for_kbit_training."})
     # LoPE (method 'lope'): num_experts normal experts plus one poisoning expert, masked at inference.
     lope_poison_steps: Optional[int] = field(default=None, metadata={"help": "LoPE stage one: steps training the poisoning expert on generated noisy data (None: max_steps // 4); stage two then runs max_steps on the clean data."})
     lope_char_noise: float = field(default=0.05, metadata={"help": "LoPE stage one: share of prompt characters perturbed (swapped, inserted before or deleted) in the generated noisy data, in (0, 1]."})
@@ -118,7 +119,7 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
     """Command-line override strings -> the type of the field's current value."""
     if not isinstance(value, str):
         return value
-    if isinstance(current, bool) or name in {"resume", "gradient_checkpointing", "response_logits_only", "use_chat_template", "skip_bad_rows", "report", "eval_base", "expert_dropout", "shared_a", "track_usage"}:
+    if isinstance(current, bool) or name in {"resume", "gradient_checkpointing", "response_logits_only", "use_chat_template", "skip_bad_rows", "report", "eval_base", "expert_dropout", "shared_a", "track_usage", "load_in_4bit"}:
         if value.lower() in {"true", "1", "yes"}:
             return True
         if value.lower() in {"false", "0", "no"}:
@@ -142,8 +143,16 @@ def build_spec(overrides: Optional[dict[str, Any]] = None, config_file: Optional
     if config_file:
         if not os.path.isfile(config_file):
             raise ValueError(f"--config {config_file!r}: no such file.")
-        with open(config_file) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--config {config_file}: not valid YAML{where}: {problem}.") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--config {config_file}: not UTF-8 text (byte {err.start}: {err.reason}).") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_file}: expected a mapping of field names to values, got {type(loaded).__name__}.")
         values.update(loaded)
@@ -163,7 +172,24 @@ def build_spec(overrides: Optional[dict[str, Any]] = None, config_file: Optional
     adapter = dict(DEFAULT_ADAPTER)
     adapter.update({k: _coerce(k, v, adapter.get(k)) for k, v in values.items() if k in ADAPTER_FIELDS})
     validate(train)
+    validate_adapter(train.method, adapter)
     return RunSpec(train=train, adapter=adapter)
+
+
+def validate_adapter(method: str, adapter: dict[str, Any]) -> None:
+    """Build the method's PEFT config once, so a bad adapter field fails before any model or data is loaded."""
+    from .methods import peft_config_for
+
+    if method == "lora":  # LoraConfig checks these only when the layers are built
+        r, dropout = adapter.get("r"), adapter.get("lora_dropout", 0.0)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r={r!r} is invalid: must be an integer >= 1.")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"lora_dropout={dropout!r} is invalid: must be a number with 0 <= p < 1.")
+    try:
+        peft_config_for(method, dict(adapter))
+    except TypeError as err:  # a value of the wrong type that the config's own checks did not catch
+        raise ValueError(f"adapter fields for method={method!r} are invalid: {err}.") from None
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -179,6 +205,17 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1.")
+    for name in ("gradient_accumulation_steps", "eval_batch_size", "logging_steps", "save_steps", "max_new_tokens"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1.")
+    if isinstance(cfg.auto_n_k_max, bool) or not isinstance(cfg.auto_n_k_max, int) or cfg.auto_n_k_max < 3:
+        raise ValueError(f"auto_n_k_max={cfg.auto_n_k_max!r} is invalid: must be an integer >= 3 (K is tried from 2).")
+    ratio = cfg.warmup_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"warmup_ratio={ratio!r} is invalid: a share of the steps, 0 <= warmup_ratio < 1.")
+    if isinstance(cfg.weight_decay, bool) or not isinstance(cfg.weight_decay, (int, float)) or cfg.weight_decay < 0:
+        raise ValueError(f"weight_decay={cfg.weight_decay!r} is invalid: must be a number >= 0.")
     if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0):
         raise ValueError(f"learning_rate={cfg.learning_rate!r} is invalid: must be a number > 0.")
     ratio = cfg.loraplus_lr_ratio

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -89,6 +91,62 @@ class RouteTargetSchedule(TrainerCallback):
         set_route_target_weight(self.model, self.weight(state.global_step))
 
 
+class LogAtSaves(TrainerCallback):
+    """Log the loss at every checkpoint and at the last step, so that the log history saved with a checkpoint covers
+    every step before it and the whole run's training loss can be read back after a resume (run_train_loss)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+def run_train_loss(log_history: list[dict]) -> Optional[float]:
+    """Mean training loss over every step of a run, resumed or not, from Trainer's log history: each "loss" entry
+    is the mean over the steps since the previous one."""
+    total, last = 0.0, 0
+    for entry in sorted((e for e in log_history if "loss" in e and "step" in e), key=lambda e: e["step"]):
+        step = int(entry["step"])
+        if step <= last:
+            continue
+        total += float(entry["loss"]) * (step - last)
+        last = step
+    return total / last if last else None
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from (a kill while it was written), or None if it is complete."""
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"trainer_state.json is unreadable ({err})"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+            list(f.keys())
+    except Exception as err:  # safetensors raises its own error type for a truncated header
+        return f"adapter_model.safetensors is unreadable ({err})"
+    return None
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
+    """The newest checkpoint-N folder that is complete; newer incomplete ones are reported and skipped."""
+    found = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for path in sorted(found, key=lambda p: -int(p.name.split("-")[-1])):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        print(f"[hydralora] skipping incomplete checkpoint {path} ({problem}); trying the one before")
+    return None
+
+
 def resolve_data_path(data: str) -> str:
     if data == "bundled":
         from ..data import bundled_mixture_path
@@ -111,13 +169,20 @@ def split_examples(examples: list[Example], seed: int, holdout: float = 0.1) -> 
     for e in examples:
         by_task[e.task].append(e)
     rng = random.Random(seed)
-    train, test = [], []
+    train, test, single = [], [], []
     for task in sorted(by_task):
         rows = list(by_task[task])
         rng.shuffle(rows)
+        if len(rows) < 2:  # holding it out would score a task the adapter never saw
+            single.append(task)
+            train += rows
+            continue
         n_test = max(1, min(50, int(len(rows) * holdout)))
         test += rows[:n_test]
         train += rows[n_test:]
+    if single:
+        warnings.warn(f"task(s) {single} have a single example: used for training only, not held out or scored "
+                      "(a task needs at least 2 examples to be split).", stacklevel=2)
     return train, test
 
 
@@ -150,6 +215,16 @@ def route_targets(train: list[Example], spec: RunSpec) -> Optional[list[int]]:
     return [int(v) for v in labels]
 
 
+def check_split(train: list[Example], test: list[Example], data: str) -> None:
+    """Refuse a split with nothing to train on or nothing to score, naming the data and what is needed."""
+    if not train:
+        raise ValueError(f"data {data}: no training examples ({len(test)} held-out); every task needs at least 2 "
+                         "examples (one to train on, one held out), or give rows a 'split' field.")
+    if not test:
+        raise ValueError(f"data {data}: no held-out examples to score ({len(train)} training examples; every task "
+                         "has a single example). Add rows (at least 2 per task), or set eval_data to a held-out file.")
+
+
 def cap_per_task(examples: list[Example], cap: Optional[int]) -> list[Example]:
     if not cap:
         return examples
@@ -178,8 +253,30 @@ def prepare_output_dir(path: Optional[str], method: str, resume: bool) -> Path:
             f"output_dir {out} exists and is not empty: choose another --output-dir, or pass --resume to continue it "
             "(nothing there is overwritten otherwise)."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".hydralora-write-check", "w") as f:
+            f.write("")
+        (out / ".hydralora-write-check").unlink()
+    except OSError as err:
+        raise ValueError(f"output_dir {out} cannot be written ({err.strerror or err}): choose a folder you can write "
+                         "to with --output-dir.") from None
     return out
+
+
+def clean_failed_run(out: Path) -> None:
+    """After a failure, remove what this run wrote into a folder that was empty before it, unless a complete
+    checkpoint is there to resume from: the corrected rerun can then use the same --output-dir."""
+    if rank() != 0 or not out.is_dir():
+        return
+    if last_complete_checkpoint(out / "checkpoints") is not None:
+        print(f"[hydralora] the run failed; its checkpoints stay in {out / 'checkpoints'}: rerun with --resume to continue")
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def find_num_experts(train: list[Example], spec: RunSpec, out: Path) -> Optional[dict]:
@@ -252,20 +349,37 @@ def _layer_index(name: str) -> int:
 
 
 def run_train(spec: RunSpec) -> dict:
-    """The whole recipe; returns metrics (also written to <output_dir>/metrics.json)."""
-    from ..eval.scoring import evaluate, format_table
-    from ..models import load_model_and_tokenizer, resolve_model_path
-
+    """The whole recipe; returns metrics (also written to <output_dir>/metrics.json). A run that fails before its
+    first complete checkpoint leaves a folder that was empty before it empty again."""
     cfg = spec.train
     t_start = time.time()
     device = pick_device(cfg.device)
+    if cfg.load_in_4bit:
+        from ..models import check_4bit_available
+
+        check_4bit_available(device)  # before anything is written or loaded
     schedule = apply_schedule(cfg, on_gpu=device == "cuda")
+    out_path = Path(cfg.output_dir) if cfg.output_dir else None
+    fresh = out_path is None or not out_path.exists() or not any(out_path.iterdir())
     out = prepare_output_dir(cfg.output_dir, cfg.method, cfg.resume)
+    try:
+        return _run(spec, out, device, schedule, t_start)
+    except BaseException:
+        if fresh:
+            clean_failed_run(out)
+        raise
+
+
+def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -> dict:
+    from ..eval.scoring import evaluate, format_table
+    from ..models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
+
+    cfg = spec.train
     print(f"[hydralora] schedule: {schedule} ({'a short CPU schedule' if schedule == 'cpu' else 'the full GPU schedule'}); "
           f"method={cfg.method}, max_steps={cfg.max_steps}, batch={cfg.per_device_batch_size}, run dir {out}")
     set_seed(cfg.seed)
     use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, device=device)
+    tokenizer = load_tokenizer(cfg.model)  # the data is read and checked before the model is loaded
     data_path = resolve_data_path(cfg.data)
     loaded = load_examples(data_path, tokenizer=tokenizer, skip_bad_rows=cfg.skip_bad_rows)
     if loaded.skipped:
@@ -273,6 +387,7 @@ def run_train(spec: RunSpec) -> dict:
     train_ex, test_ex = split_examples(list(loaded), cfg.seed)
     if cfg.eval_data:
         test_ex = list(load_examples(cfg.eval_data, tokenizer=tokenizer, skip_bad_rows=cfg.skip_bad_rows))
+    check_split(train_ex, test_ex, data_path)
     test_ex = cap_per_task(test_ex, cfg.eval_max_per_task)
     train_ex, val_ex = carve_validation(train_ex, cfg.validation_per_task, cfg.seed)
     print(f"[hydralora] data: {len(train_ex)} training examples, {len(val_ex)} validation, {len(test_ex)} held-out, "
@@ -281,6 +396,13 @@ def run_train(spec: RunSpec) -> dict:
     auto_n = find_num_experts(train_ex, spec, out)
     if auto_n is not None:
         print(f"[hydralora] num_experts='auto' -> N={spec.adapter['num_experts']} ({auto_n.get('method')})")
+    set_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, device=device, load_in_4bit=cfg.load_in_4bit)
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(cfg.seed)
     model = build_model(model, cfg.method, spec.adapter)
     model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model)
@@ -324,15 +446,15 @@ def run_train(spec: RunSpec) -> dict:
     from transformers.integrations import TensorBoardCallback
 
     tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
-    callbacks = [tensorboard]
+    callbacks = [tensorboard, LogAtSaves()]
     if targets is not None:
         callbacks.append(RouteTargetSchedule(model, spec.adapter["route_target_coef"], cfg.route_target_ratio, cfg.max_steps))
     trainer = HydraTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks,
                            loraplus_lr_ratio=cfg.loraplus_lr_ratio, response_logits_only=cfg.response_logits_only)
     resume = None
     if cfg.resume:
-        ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        resume = str(ckpts[-1]) if ckpts else None
+        last = last_complete_checkpoint(out / "checkpoints")
+        resume = str(last) if last else None
         print(f"[hydralora] resuming from {resume}" if resume else "[hydralora] --resume: no checkpoint yet, starting fresh")
     t = time.time()
     # Multi-stage methods (LoPE, ThanoRA, MeTA-LoRA) drive the configured Trainer themselves: recipes/methods.py.
@@ -343,7 +465,9 @@ def run_train(spec: RunSpec) -> dict:
     train_seconds = time.time() - t
     tokens = sum(len(f["input_ids"]) for f in train_ds.features)
     seen = min(1.0, cfg.max_steps * cfg.per_device_batch_size * cfg.gradient_accumulation_steps / max(1, len(train_ds)))
-    metrics.update(train_seconds=train_seconds, train_loss=result.training_loss,
+    # Trainer's training_loss covers only the steps of this call; after a resume the whole run's comes from the log.
+    whole = run_train_loss(trainer.state.log_history)
+    metrics.update(train_seconds=train_seconds, train_loss=whole if whole is not None else result.training_loss,
                    train_tokens_per_s=tokens * seen / max(train_seconds, 1e-9) if not resume else None,
                    log_history=trainer.state.log_history)
 

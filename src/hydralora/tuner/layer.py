@@ -14,6 +14,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from ..compile_check import check_training_compile
 from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
 from ..ops.fused import _flat_B, add_usage, capturing as _capturing
 from ..ops.project import dropout_project, use_dropout_project
@@ -23,6 +24,14 @@ MERGE_UNDER_TOKEN_ROUTING = (
     "HydraLoRA cannot merge under token routing: the gate w(x) differs for every token, so sum_i w_i(x) B_i A "
     "is not one fixed matrix. Choose a fixed gate first: hydralora.merge_and_unload(model, gate='mean' | expert "
     "index | [w_1, ..., w_N]) or hydralora.set_routing(model, 'fixed', gate) followed by merge_adapter()."
+)
+
+
+MERGE_INTO_QUANTIZED = (
+    "HydraLoRA cannot merge into a quantized base layer ({kind}, weight dtype {dtype}): adding the update to 4-bit "
+    "or 8-bit weights would re-quantize them and lose most of it. Export instead: hydralora.export_lora(model, path, "
+    "gate) writes a stock LoRA adapter that runs on the same quantized base; or merge into the base loaded "
+    "unquantized: `hydralora export ADAPTER OUT --merge --gate mean` (it loads the base in full precision)."
 )
 
 
@@ -338,6 +347,8 @@ class HydraLoraLayer(BaseTunerLayer):
         """
         cfg = self.hconfig[adapter_name]
         aux = route = None
+        if self.training and torch.compiler.is_compiling():
+            check_training_compile()  # reduce-overhead (CUDA graphs) crashed training: refused with a clear error
         if self.training and self.routing_mode == "token":
             if cfg.balance_loss_coef > 0:
                 n = gate.shape[-1]
@@ -554,6 +565,8 @@ class HydraLinear(nn.Module, HydraLoraLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
+        if not torch.is_floating_point(base.weight):
+            raise ValueError(MERGE_INTO_QUANTIZED.format(kind=type(base).__name__, dtype=base.weight.dtype))
         for name in adapter_names:
             if name not in self.hydralora_A:
                 continue

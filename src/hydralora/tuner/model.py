@@ -11,7 +11,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from .config import HydraLoraConfig
-from .layer import MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
+from .layer import MERGE_INTO_QUANTIZED, MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
+from .state_check import register as register_state_check
+from .state_check import register as register_state_check
 
 
 def _linear_module_names(model: nn.Module) -> list[str]:
@@ -21,6 +23,18 @@ def _linear_module_names(model: nn.Module) -> list[str]:
         if isinstance(module, (nn.Linear, Conv1D)) and name:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+FUSED_HEAD_DROPS_BALANCE_LOSS = (
+    "HydraLoraConfig.balance_loss_coef > 0, but this trainer computes its loss from a fused LM head (TRL's "
+    "SFTTrainer) and would drop HydraLoRA's balance loss without a word. Train with "
+    "hydralora.integrations.trl.HydraSFTTrainer (SFTTrainer that adds and logs it), or set balance_loss_coef=0."
+)
+FUSED_HEAD_DROPS_EXPERT_LOSSES = (
+    "HydraLoraConfig.route_target_coef or expert_ortho_coef > 0, but this trainer computes its loss from a fused LM "
+    "head (TRL's SFTTrainer) and would drop those losses without a word: train with `hydralora train` or "
+    "transformers' Trainer, or set both to 0."
+)
 
 
 class HydraLoraModel(BaseTuner):
@@ -43,6 +57,9 @@ class HydraLoraModel(BaseTuner):
         self.ortho_loss: Optional[torch.Tensor] = None  # mean expert-diversity penalty of the last training forward
         # Current weight of the routing-target loss; None: each adapter's route_target_coef (a schedule sets it).
         self.route_target_weight: Optional[float] = None
+        # True when the trainer adds coef * aux_loss to its own loss (hydralora.integrations.trl.HydraSFTTrainer)
+        self.trainer_adds_balance_loss = False
+        register_state_check(self)  # adapter weights that fit no module, or of another shape, are refused by name
 
     # ----------------------------------------------------------------------------------------------------------
     # injection
@@ -159,6 +176,11 @@ class HydraLoraModel(BaseTuner):
                         orthos.append(layer.expert_ortho_penalty(name))
                         ortho_coef = cfg.expert_ortho_coef
         loss = getattr(output, "loss", None)
+        fused_head = getattr(output, "log_probs", None) is not None
+        if coef > 0 and terms and not self.trainer_adds_balance_loss and fused_head:
+            raise RuntimeError(FUSED_HEAD_DROPS_BALANCE_LOSS)
+        if (routes or orthos) and fused_head:
+            raise RuntimeError(FUSED_HEAD_DROPS_EXPERT_LOSSES)
         self.aux_loss = self._mean(terms)
         if self.aux_loss is not None and loss is not None and coef > 0:
             loss = loss + coef * self.aux_loss.to(loss.dtype)
@@ -181,6 +203,8 @@ class HydraLoraModel(BaseTuner):
         return torch.stack([t.to(terms[0].device) for t in terms]).mean()
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
+        if kwargs.get("merge", args[0] if args else True):
+            self._check_merge_allowed()  # before the hooks go: a refused merge leaves the model working
         for handle in self._hydra_hooks:
             handle.remove()
         self._hydra_hooks = []
@@ -192,3 +216,6 @@ class HydraLoraModel(BaseTuner):
         for _, layer in self.hydra_layers():
             if layer.routing_mode != "fixed":
                 raise ValueError(MERGE_UNDER_TOKEN_ROUTING)
+            base = layer.get_base_layer()
+            if not torch.is_floating_point(base.weight):
+                raise ValueError(MERGE_INTO_QUANTIZED.format(kind=type(base).__name__, dtype=base.weight.dtype))

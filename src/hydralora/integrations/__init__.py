@@ -1,0 +1,1 @@
+"""Adapters to training and evaluation tools that live outside transformers and PEFT (optional extras)."""
