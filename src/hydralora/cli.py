@@ -89,8 +89,7 @@ def _load_adapter(adapter: str, model_name: Optional[str], device: str):
     name = model_name or run.get("model") or cfg.get("base_model_name_or_path") or "smollm2"
     device = pick_device(device)
     base, tok = load_model_and_tokenizer(name, dtype=None, device=device)
-    with quiet_peft_checkpointing_probe():
-        model = load_adapter(base, path).eval()
+    model = load_adapter(base, path).eval()
     return model, tok, run, device
 
 

@@ -51,9 +51,12 @@ def load_adapter(base, path: str | Path, **kwargs):
     does not fit (an adapter whose tensors find no module, or have another shape, is refused)."""
     import peft
 
+    from ._peft_compat import quiet_peft_checkpointing_probe
+
     read_adapter_config(path)
     check_adapter_weights(path)
     try:
-        return peft.PeftModel.from_pretrained(base, str(path), **kwargs)
+        with quiet_peft_checkpointing_probe():
+            return peft.PeftModel.from_pretrained(base, str(path), **kwargs)
     except AdapterMismatchError as err:
         raise AdapterMismatchError(f"{Path(path) / WEIGHTS_FILE}: {err}") from None

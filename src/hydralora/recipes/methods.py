@@ -40,7 +40,7 @@ def peft_config_for(method: Method, adapter: dict[str, Any], task_type: str = "C
         kwargs["shared_a"] = False
     if method in ("hydralora-uniform", "lora-split"):
         kwargs.update(routing="fixed", fixed_gate="mean", balance_loss_coef=0.0)
-    if method == "lope":
+    if method == "lope" and kwargs.get("num_experts") != "auto":  # 'auto': the poisoning expert is added once N is found
         n = kwargs["num_experts"]
         kwargs.update(num_experts=n + 1, masked_experts=sorted(set(kwargs.get("masked_experts") or []) | {n}))
     return HydraLoraConfig(task_type=task_type, **kwargs)
