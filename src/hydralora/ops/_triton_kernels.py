@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Hash constants, written as signed int32 bit patterns (see fused._keep_mask_torch for the same function).
+# Hash constants, written as signed int32 bit patterns (see reference.keep_mask for the same function).
 _GOLD = tl.constexpr(-1640531535)  # 0x9E3779B1 (constexpr: Triton jit code may read only constexpr globals)
 _C1 = tl.constexpr(2146121005)  # 0x7FEB352D
 _C2 = tl.constexpr(-2073254261)  # 0x846CA68B
