@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -200,8 +201,10 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, int]], title: Optio
 
 
 def write_json(path: Optional[str], payload: dict) -> None:
+    """payload as JSON at path (nothing without a path), with the command line that made it."""
     if not path:
         return
+    payload.setdefault("command", "python " + " ".join(shlex.quote(a) for a in sys.argv))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)

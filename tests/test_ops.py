@@ -24,7 +24,11 @@ if fops.HAS_TRITON:
     from hydralora.ops import launch
 
 CUDA_TRITON = torch.cuda.is_available() and fops.HAS_TRITON
-needs_gpu = pytest.mark.skipif(not CUDA_TRITON, reason="needs CUDA and Triton")
+
+
+def needs_gpu(fn):
+    """A CUDA + Triton test: skipped elsewhere, selected by `-m gpu` (benchmarks/gpu_suite.sh)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA_TRITON, reason="needs CUDA and Triton")(fn))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -762,9 +766,10 @@ def _cuda_op_inputs(T, K, d, R, N, seed):
 
 @needs_gpu
 @pytest.mark.parametrize("masked", [False, True])
-def test_autotuned_first_call_counts_usage_once(masked):
+def test_autotuned_first_call_counts_usage_once(masked, monkeypatch):
     """The first call for a new shape autotunes: the autotuner runs every config several times, and the usage
     accumulator must come out counted once (restore_value), as the PyTorch backend counts it."""
+    monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)  # (the GPU suite runs the other tests without tuning)
     T, K, d, R, N = 384, 320 + 16 * masked, 64, 8, 3  # K used by no other test: this call tunes
     x, A, G, B = _cuda_op_inputs(T, K, d, R, N, seed=11)
     res = torch.zeros(T, d, device="cuda", dtype=torch.bfloat16)
@@ -779,10 +784,11 @@ def test_autotuned_first_call_counts_usage_once(masked):
 
 
 @needs_gpu
-def test_cached_launch_computes_what_the_first_launch_computed():
+def test_cached_launch_computes_what_the_first_launch_computed(monkeypatch):
     """The first call for a key autotunes and compiles; later calls launch the cached compiled kernel directly
     (launch.launch). Both must compute the PyTorch backend's function with the same dropout seed, and an input that is
     not 16-byte aligned must not reuse a kernel compiled for aligned pointers."""
+    monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
     T, K, d, R, N = 256, 128, 96, 8, 3
     launch._COMPILED.clear()
     for i, offset in enumerate([0, 0, 0, 3]):  # offset: bf16 elements before x's first (3 -> 6 bytes off)
