@@ -97,7 +97,8 @@ def op_consts(scaling: float, temperature: float, dropout_p: float, training: bo
 
 
 def _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts):
-    """(out (T, d), raw logits (T, N), gate (T, N), seed, z (T, N*R), h (T, R)) for 2-D, contiguous inputs in one dtype."""
+    """(out (T, d), raw logits (T, N), gate (T, N), seed, z (T, N*R), h (T, R)) for 2-D contiguous inputs, one
+    dtype."""
     seed = new_seed(x2.device) if c.dropout else None
     proj = launch.proj if c.triton else reference.proj
     z, h, gate, raw = proj(x2, A, G, seed, c.thr, c.inv_keep, c.scaling, c.inv_temp, c.dropout, usage,

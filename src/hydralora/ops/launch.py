@@ -38,8 +38,8 @@ def _tb(T: int) -> int:
 
 
 # Launching through the autotuner and Triton's JIT front end costs about 0.15 ms of host time per call on the H200
-# machine's host (benchmarks/investigations/profile_layer.py --host), more than the proj kernel runs at 8192 tokens: the layer was
-# bound by its host, not its GPU. After the first call for a key (which autotunes and compiles as usual) the chosen
+# machine's host (benchmarks/investigations/profile_layer.py --host), more than the proj kernel runs at 8192 tokens:
+# the layer was bound by its host, not its GPU. After the first call for a key (which autotunes and compiles as usual) the chosen
 # compiled kernel is launched directly. The key holds everything the compiled code depends on: the autotuner's key
 # and the constexprs (`tune`, `kw`), the device, the tensors' dtypes and 16-byte alignment and, for the integers
 # the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not specialized).
@@ -175,7 +175,7 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
 
 
 def _bwd_bt(T: int) -> int:
-    return 64 if T >= 1024 else 32  # H200, 8192 tokens: 64 rows per block beat 128 by 14% (a config sweep, results/perf/2026-12-01)
+    return 64 if T >= 1024 else 32  # H200, 8192 tokens: 64 rows per block beat 128 by 14% (results/perf/2026-12-01)
 
 
 def bwd_x(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_dx):
