@@ -1013,3 +1013,37 @@ def test_layer_usage_statistics_follow_cuda_graph_replays():
     acc = layer.usage_acc["default"]
     assert float(acc[-1]) + layer._usage_tokens_host.get("default", 0.0) == 3 * 64  # the replays' tokens only
     torch.testing.assert_close(layer._usage("default"), eager_mean, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_decode_call_costs_few_python_calls_more_than_peft_lora(monkeypatch):
+    """Host cost of the fused dispatch, on a CPU stand-in (every check as on the GPU, the PyTorch reference for the
+    kernels): one decode-sized layer call makes at most 12 Python-level calls more than a PEFT LoRA r=8 layer's
+    (8 more when written; benchmarks/investigations/dispatch_host_cost.py measures the same)."""
+    import cProfile
+    import pstats
+
+    import peft
+
+    monkeypatch.setattr(fops, "HAS_TRITON", True)
+    monkeypatch.setattr(fops, "use_triton", lambda x, dtype, backend: False)
+    monkeypatch.setattr(dispatch, "kernel_device", lambda x: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.delenv("HYDRALORA_FUSED", raising=False)
+    calls = {}
+    for kind in ("peft", "ours"):
+        base = nn.Sequential(nn.Linear(16, 16, bias=False))
+        cfg = (peft.LoraConfig(r=8, lora_dropout=0.05, target_modules=["0"]) if kind == "peft" else
+               HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05, target_modules=["0"]))
+        layer = peft.get_peft_model(base, cfg).to(torch.bfloat16).eval().base_model.model[0]
+        x = torch.randn(1, 1, 16, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            layer(x)
+            if kind == "ours":
+                assert layer._fused_plan(x) is not None  # the fused path is the one counted
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20):
+                layer(x)
+            prof.disable()
+        calls[kind] = pstats.Stats(prof).total_calls / 20
+    assert calls["ours"] <= calls["peft"] + 12, calls
