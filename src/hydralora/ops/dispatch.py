@@ -64,6 +64,7 @@ class FusedPlan(NamedTuple):
     cast: bool  # some operand is in another dtype (autocast): cast to `dtype` per call (the weights change)
     consts: OpConsts
     n: int  # experts
+    weight_dtypes: tuple  # (A, W_g, B) dtypes the plan was made for: a plan is stale once they differ
 
 
 def plan_fused(
@@ -107,7 +108,7 @@ def plan_fused(
                 return None
     cast = any(t.dtype != dt for t in operands)
     consts = op_consts(scaling, temperature, dropout_p, training, fused.use_triton(x, dt, "auto"))
-    return FusedPlan(name, A, W_g, B, base, dt, cast, consts, W_g.shape[0])
+    return FusedPlan(name, A, W_g, B, base, dt, cast, consts, W_g.shape[0], (A.dtype, W_g.dtype, B.dtype))
 
 
 def base_hooked(plan: FusedPlan) -> bool:

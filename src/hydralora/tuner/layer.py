@@ -385,7 +385,8 @@ class HydraLoraLayer(BaseTunerLayer):
         Decided once per state (device, dtype, autocast, training, routing mode, active adapters, HYDRALORA_FUSED)
         and kept until the layer is moved or cast, or an adapter is added or deleted; a setting changed in place on
         an adapter's config needs `layer._fused_plans.clear()`. Per call only what can change unseen is checked:
-        a torch.compile trace (stays eager: Inductor fuses it), x's size, hooks on the base.
+        a torch.compile trace (stays eager: Inductor fuses it), x's size, the adapter's weights (replaced or
+        recast), hooks on the base.
         """
         if torch.compiler.is_compiling() or not 0 < x.numel() < 2**31:
             return None
@@ -395,11 +396,19 @@ class HydraLoraLayer(BaseTunerLayer):
         key = (adapter_name, dev, x.dtype, amp and torch.get_autocast_dtype(dev.type), self.training,
                self.routing_mode, active if isinstance(active, str) else tuple(active), fused_switch())
         plans = self._fused_plans
-        if key in plans:
-            plan = plans[key]
-        else:
+        plan = plans[key] if key in plans else plans.setdefault(key, self._make_fused_plan(x, adapter_name))
+        if plan is None:
+            return None
+        mods, name = self._modules, plan.name
+        A, W_g, B = plan.A, plan.W_g, plan.B
+        if (mods["hydralora_A"]._parameters[name] is not A or mods["hydralora_router"]._parameters[name] is not W_g
+                or mods["hydralora_B"]._parameters[name] is not B
+                or (A.dtype, W_g.dtype, B.dtype) != plan.weight_dtypes):
+            # a weight replaced (load_state_dict(assign=True)) or recast through .data since the plan was made
             plan = plans[key] = self._make_fused_plan(x, adapter_name)
-        if plan is not None and plan.base is not None and base_hooked(plan):
+            if plan is None:
+                return None
+        if plan.base is not None and base_hooked(plan):
             return None
         return plan
 
