@@ -39,10 +39,11 @@ def _tb(T: int) -> int:
 
 # Launching through the autotuner and Triton's JIT front end costs about 0.15 ms of host time per call on the H200
 # machine's host (benchmarks/investigations/profile_layer.py --host), more than the proj kernel runs at 8192 tokens:
-# the layer was bound by its host, not its GPU. After the first call for a key (which autotunes and compiles as usual) the chosen
-# compiled kernel is launched directly. The key holds everything the compiled code depends on: the autotuner's key
-# and the constexprs (`tune`, `kw`), the device, the tensors' dtypes and 16-byte alignment and, for the integers
-# the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not specialized).
+# the layer was bound by its host, not its GPU. After the first call for a key (which autotunes and compiles as
+# usual) the chosen compiled kernel is launched directly. The key holds everything the compiled code depends on: the
+# autotuner's key and the constexprs (`tune`, `kw`), the device, the tensors' dtypes and 16-byte alignment and, for
+# the integers the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not
+# specialized).
 _COMPILED: dict = {}
 _PLANS: dict = {}  # kernel name -> (positions of tensor arguments, positions of specialized integer arguments)
 _FREE_INTS = frozenset({"T", "TB", "seed_ptr", "s1", "s2"})
