@@ -133,6 +133,19 @@ def build_variants(name, wanted, dev, dt, args):
     return {key: nets[key] for key in VARIANTS if key in nets}
 
 
+def add_ratios(rows):
+    """x_base / x_peft (tokens/s over the base's / PEFT's of the same model and batch) and the GPU's speed ratios."""
+    for r in rows:
+        same = [o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"]]
+        for ref, col in [(VARIANTS["base"], "base"), (VARIANTS["peft"], "peft")]:
+            o = next((o for o in same if o["variant"] == ref), None)
+            if o is None:  # not among --variants
+                continue
+            r[f"x_{col}"] = r["decode_tok_s"] / o["decode_tok_s"]
+            if "gpu_ms_step" in r:  # a speed ratio, like x_base / x_peft: the other's time over this one's
+                r[f"gpu_x_{col}"] = o["gpu_ms_step"] / r["gpu_ms_step"]
+
+
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="comma list of " + ",".join(SHAPES))
@@ -180,20 +193,13 @@ def main():
                     shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
                     shown["decode_tok_s_runs"] = [round(v, 1) for v in row["decode_tok_s_runs"]]
                     print(shown, flush=True)
+            add_ratios(rows)
             C.write_json(args.json, {"bench": "generate", "env": C.env_info(dev), "config": vars(args),
                                      "rows": rows})  # partial results survive a time limit
         del nets
         C.free_memory()
 
-    for r in rows:
-        same = [o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"]]
-        for ref, col in [(VARIANTS["base"], "base"), (VARIANTS["peft"], "peft")]:
-            o = next((o for o in same if o["variant"] == ref), None)
-            if o is None:  # not among --variants
-                continue
-            r[f"x_{col}"] = r["decode_tok_s"] / o["decode_tok_s"]
-            if "gpu_ms_step" in r:  # a speed ratio, like x_base / x_peft: the other's time over this one's
-                r[f"gpu_x_{col}"] = o["gpu_ms_step"] / r["gpu_ms_step"]
+    add_ratios(rows)
     info = C.env_info(dev)
     title = f"Generation: {n_new} new tokens after a {args.prompt}-token prompt, greedy, {dt}, precision {args.precision}, " \
             f"{info.get('gpu', info.get('cpu'))}"
