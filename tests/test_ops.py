@@ -350,6 +350,25 @@ def test_fused_path_steps_aside_under_torch_compile(monkeypatch):
     assert not planned(layer, x)
 
 
+def test_compiled_layer_traces_the_eager_path_with_the_dispatch_on(monkeypatch):
+    """torch.compile (Dynamo, eager backend) of a layer whose dispatch would take the op: the trace sees the eager
+    formulation, makes no plan, and gives the eager outputs and gradients."""
+    force_dispatch(monkeypatch)
+    layer = make_layer().train()
+    x = torch.randn(2, 3, 48, requires_grad=True)
+    dy = torch.randn(2, 3, 40)
+    monkeypatch.setenv("HYDRALORA_FUSED", "0")
+    ref_out, ref_g = run_reference(layer, x, dy)
+    monkeypatch.setenv("HYDRALORA_FUSED", "1")
+    layer._fused_plans.clear()
+    torch._dynamo.reset()
+    out, g = run_reference(torch.compile(layer, backend="eager"), x, dy)
+    assert not layer._fused_plans
+    torch.testing.assert_close(out, ref_out)
+    for a_, b_ in zip(g, ref_g):
+        torch.testing.assert_close(a_, b_)
+
+
 def test_fused_switch_values(monkeypatch):
     monkeypatch.delenv("HYDRALORA_FUSED", raising=False)
     assert dispatch.fused_enabled()  # auto: every call the kernels support
