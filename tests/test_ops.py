@@ -633,6 +633,10 @@ def test_layer_runs_a_plain_linear_base_inside_the_op_where_the_dispatch_applies
     run_reference(layer, x, dy)
     hook.remove()
     assert calls == [False]  # a base with hooks is called as base_layer(x); the delta op runs after it
+    calls.clear()
+    layer.base_layer.weight.requires_grad_(True)  # unfrozen after the plan was made: its gradient must come
+    out, g = run_reference(layer, x, dy)
+    assert calls == [False] and layer.base_layer.weight.grad is not None
 
 
 @pytest.mark.parametrize("hooked", [False, True])

@@ -44,8 +44,8 @@ def kernel_device(x: torch.Tensor) -> bool:
 
 
 def plain_linear(base) -> bool:
-    """A torch.nn.Linear whose forward is exactly F.linear(x, weight, bias): no subclass, frozen. Hooks are checked
-    per call (base_hooked): they can come and go between calls without the layer knowing."""
+    """A torch.nn.Linear whose forward is exactly F.linear(x, weight, bias): no subclass, frozen. Hooks and the
+    weights' requires_grad are checked again per call (base_hooked): they can change without the layer knowing."""
     if type(base) is not torch.nn.Linear:
         return False
     weight, bias = base.weight, base.bias
@@ -112,10 +112,14 @@ def plan_fused(
 
 
 def base_hooked(plan: FusedPlan) -> bool:
-    """The plan's base layer has forward hooks now (its own or global ones): then it must run as base_layer(x)."""
+    """The plan's base layer cannot run inside the op now: it has forward hooks (its own or global ones) or a weight
+    that trains. Both can change between calls without the layer knowing; then it runs as base_layer(x)."""
     base = plan.base
+    params = base._parameters  # (nn.Module.__getattr__ costs a Python call per attribute)
+    bias = params["bias"]
     return bool(base._forward_hooks or base._forward_pre_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
+                or _module._global_forward_pre_hooks or params["weight"].requires_grad
+                or (bias is not None and bias.requires_grad))
 
 
 def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = None,
