@@ -379,7 +379,8 @@ def test_fused_switch_values(monkeypatch):
     monkeypatch.setenv("HYDRALORA_FUSED", "yes")
     with pytest.raises(ValueError, match="HYDRALORA_FUSED='yes'.*auto, 0, 1"):
         dispatch.fused_enabled()
-    with pytest.raises(ValueError, match="HYDRALORA_FUSED='yes'"):  # a layer call reads the switch too
+    monkeypatch.setattr(dispatch, "kernel_device", lambda x: True)
+    with pytest.raises(ValueError, match="HYDRALORA_FUSED='yes'"):  # a layer call on a kernel device reads it too
         make_layer()(torch.randn(2, 48))
 
 

@@ -14,7 +14,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from ..ops import FusedPlan, base_hooked, plan_fused, run_plan
+from ..ops import FusedPlan, base_hooked, dispatch as _dispatch, plan_fused, run_plan
 from ..ops.dispatch import fused_switch
 from ..ops.fused import capturing as _capturing
 from ..ops.reference import add_usage, flat_B as _flat_B
@@ -388,8 +388,8 @@ class HydraLoraLayer(BaseTunerLayer):
         a torch.compile trace (stays eager: Inductor fuses it), x's size, the adapter's weights (replaced or
         recast), hooks on the base.
         """
-        if torch.compiler.is_compiling() or not 0 < x.numel() < 2**31:
-            return None
+        if not _dispatch.kernel_device(x) or torch.compiler.is_compiling() or not 0 < x.numel() < 2**31:
+            return None  # the device first: on the CPU every call ends here
         dev = x.device
         amp = torch.is_autocast_enabled(dev.type)
         active = self._active_adapter
