@@ -385,8 +385,8 @@ class HydraLoraLayer(BaseTunerLayer):
         Decided once per state (device, dtype, autocast, training, routing mode, active adapters, HYDRALORA_FUSED)
         and kept until the layer is moved or cast, or an adapter is added or deleted; a setting changed in place on
         an adapter's config needs `layer._fused_plans.clear()`. Per call only what can change unseen is checked:
-        a torch.compile trace (stays eager: Inductor fuses it), x's size, the adapter's weights (replaced or
-        recast), hooks on the base.
+        the device, a torch.compile trace (stays eager: Inductor fuses it), x's size, the adapter's weights
+        (replaced or recast), hooks or a trainable weight on the base.
         """
         if not _dispatch.kernel_device(x) or torch.compiler.is_compiling() or not 0 < x.numel() < 2**31:
             return None  # the device first: on the CPU every call ends here
