@@ -9,6 +9,8 @@ import gc
 import json
 import os
 import platform
+import random
+import shlex
 import statistics
 import sys
 import time
@@ -29,8 +31,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="pure", choices=["pure", "amp"],
-                   help="pure: adapter weights in the model's --dtype (PEFT's autocast_adapter_dtype=False; the "
-                        "setting of DESIGN.md's anchors). amp: fp32 adapter weights (PEFT's default) and the step "
+                   help="pure: adapter weights in the model's --dtype (PEFT's autocast_adapter_dtype=False). amp: fp32 adapter weights (PEFT's default) and the step "
                         "under torch.autocast in --dtype (what Trainer(bf16=True) runs). fp32 models: the same.")
     return p
 
@@ -45,7 +46,7 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
 
 
 def layer_shape(args, cpu_default: tuple[int, int] = (2048, 1024)) -> tuple[int, int]:
-    """(tokens, features): --tokens/--features, else 8192 x 4096 on CUDA (issue 5's layer), else cpu_default."""
+    """(tokens, features): --tokens/--features, else 8192 x 4096 on CUDA, else cpu_default."""
     T, k = (8192, 4096) if args.device == "cuda" else cpu_default
     return args.tokens or T, args.features or k
 
@@ -200,25 +201,81 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, int]], title: Optio
 
 
 def write_json(path: Optional[str], payload: dict) -> None:
+    """payload as JSON at path (nothing without a path), with the command line that made it."""
     if not path:
         return
+    payload.setdefault("command", "python " + " ".join(shlex.quote(a) for a in sys.argv))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
 
 
 @contextlib.contextmanager
-def fused_dispatch(enabled: bool = True):
-    """HYDRALORA_FUSED=1 for the duration (the layer then dispatches to hydralora.ops where it applies)."""
-    switch = os.environ.get("HYDRALORA_FUSED")
-    os.environ["HYDRALORA_FUSED"] = "1" if enabled else "0"
+def fused_switch(value: Optional[str]):
+    """HYDRALORA_FUSED=value for the duration (None: unset, the default dispatch; '0': eager; '1': fused)."""
+    old = os.environ.get("HYDRALORA_FUSED")
+    if value is None:
+        os.environ.pop("HYDRALORA_FUSED", None)
+    else:
+        os.environ["HYDRALORA_FUSED"] = value
     try:
         yield
     finally:
-        if switch is None:
+        if old is None:
             os.environ.pop("HYDRALORA_FUSED", None)
         else:
-            os.environ["HYDRALORA_FUSED"] = switch
+            os.environ["HYDRALORA_FUSED"] = old
+
+
+def trainer_step(forward_backward: Callable[[], None], params: list) -> Callable[[], None]:
+    """What a trainer runs per step: forward, loss and backward (forward_backward), then an AdamW step over the
+    trainable params and zero_grad (grads set to None)."""
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        forward_backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step.optimizer = opt
+    return step
+
+
+def resident_bytes(module: torch.nn.Module, optimizer=None) -> int:
+    """Bytes a variant keeps between steps: its parameters and buffers and its optimizer's state."""
+    n = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    if optimizer is not None:
+        n += sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+                 if isinstance(v, torch.Tensor))
+    return n
+
+
+def take_turns(steps: dict, device: str, repeats: int, inner: int = 1, seed: int = 0) -> dict:
+    """Time every variant in turns: each round times each variant once (`inner` calls back to back), in an order
+    shuffled per round (seeded), so the host's drift and a neighbour's after-effects fall on all variants alike.
+    steps: {name: (step, context factory)}. Returns {name: time_ms-like dict with the rounds' median, min, max and,
+    on CUDA, the host's median time to issue one call}."""
+    samples = {v: [] for v in steps}
+    host = {v: [] for v in steps}
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        order = list(steps)
+        rng.shuffle(order)
+        for v in order:
+            step, ctx = steps[v]
+            with ctx():
+                t = time_ms(step, device, warmup=0, repeats=1, inner=inner)
+            samples[v].append(t["ms"])
+            if "host_ms" in t:
+                host[v].append(t["host_ms"])
+    out = {}
+    for v, s in samples.items():
+        s = sorted(s)
+        out[v] = {"ms": statistics.median(s), "min_ms": s[0], "max_ms": s[-1], "n": len(s), "samples_ms": s}
+        if host[v]:
+            out[v]["host_ms"] = statistics.median(host[v])
+    return out
 
 
 def randomize_(tensors: Iterable[torch.Tensor], std: float = 0.02, seed: int = 0) -> None:

@@ -1,5 +1,5 @@
-"""Generation speed (random weights): decode tokens/s of HydraLoRA with token routing vs PEFT LoRA r=8, and of
-HydraLoRA merged under a fixed gate vs the base model, all in one run.
+"""Generation speed (random weights): decode tokens/s of HydraLoRA with token and sequence routing vs PEFT LoRA r=8,
+and of HydraLoRA merged under a fixed gate vs the base model, all in one run.
 
     python benchmarks/bench_generate.py --device cuda     # SmolLM2-135M-shaped and 7B-shaped (8 layers), batch 1 and 32
     python benchmarks/bench_generate.py --device cpu      # SmolLM2-135M-shaped only, batch 1, fewer tokens
@@ -14,9 +14,10 @@ On CUDA also the GPU busy time per decode step (torch.profiler's kernel duration
 new tokens minus those of a 1-token generate, per step): decode's cost on the GPU alone. Decoding is bound by the
 host on the machines measured so far (tokens/s then moves with the host's speed, up to 50% between rows), while
 the GPU's time is what CUDA-graph decoding or a faster host would leave.
-Variants (--variants keys): base, peft (PEFT LoRA r=8), eager (ours, token routing, HYDRALORA_FUSED=0), fused
-(ours, token routing, fused dispatch; CUDA only), merged (ours, hydralora.merge_and_unload(model, "mean")).
-    python benchmarks/bench_generate.py --device cuda --variants peft,fused --models smollm2-135m   # a short call
+Variants (--variants keys): base, peft (PEFT LoRA r=8), token (ours, token routing, the default dispatch: the fused
+op on CUDA), eager (ours, token routing, HYDRALORA_FUSED=0), sequence (ours, sequence routing), merged (ours,
+hydralora.merge_and_unload(model, "mean")). Adapters are built with peft.get_peft_model and default configs.
+    python benchmarks/bench_generate.py --device cuda --variants peft,token --models smollm2-135m   # a short call
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ SHAPES = {
 
 
 # --variants keys and the rows they name
-VARIANTS = {"base": "base", "peft": "peft r8", "eager": "ours token (eager)", "fused": "ours token (fused)",
-            "merged": "ours merged (gate mean)"}
+VARIANTS = {"base": "base", "peft": "peft r8", "token": "ours token", "eager": "ours token (eager)",
+            "sequence": "ours sequence", "merged": "ours merged (gate mean)"}
 
 
 def make_model(name, dev, dt, seed):
@@ -109,24 +110,40 @@ def build_variants(name, wanted, dev, dt, args):
     if "base" in wanted:
         nets["base"] = (base, plain)
     if "peft" in wanted:
-        lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                               task_type="CAUSAL_LM")
+        lcfg = peft.LoraConfig(r=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         pm = C.get_peft_model(copy.deepcopy(base), lcfg, args)
         C.randomize_([q for n, q in pm.named_parameters() if "lora_B" in n])
         nets["peft"] = (pm.eval(), plain)
-    if {"eager", "fused", "merged"} & set(wanted):
-        hcfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3,
-                                         target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if {"token", "eager", "sequence", "merged"} & set(wanted):
+        hcfg = hydralora.HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                                         task_type="CAUSAL_LM")
         hm = C.get_peft_model(copy.deepcopy(base), hcfg, args)
         C.randomize_([q for _, layer in hydralora.hydra_layers(hm) for q in layer.hydralora_B.values()])
         hm.eval()
+        if "token" in wanted:
+            nets["token"] = (hm, lambda: C.fused_switch(None))
         if "eager" in wanted:
-            nets["eager"] = (hm, lambda: C.fused_dispatch(False))
-        if "fused" in wanted and dev == "cuda":
-            nets["fused"] = (hm, lambda: C.fused_dispatch(True))
+            nets["eager"] = (hm, lambda: C.fused_switch("0"))
+        if "sequence" in wanted:
+            seq = copy.deepcopy(hm)
+            hydralora.set_routing(seq, "sequence")
+            nets["sequence"] = (seq, plain)
         if "merged" in wanted:
             nets["merged"] = (hydralora.merge_and_unload(copy.deepcopy(hm), "mean"), plain)
     return {key: nets[key] for key in VARIANTS if key in nets}
+
+
+def add_ratios(rows):
+    """x_base / x_peft (tokens/s over the base's / PEFT's of the same model and batch) and the GPU's speed ratios."""
+    for r in rows:
+        same = [o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"]]
+        for ref, col in [(VARIANTS["base"], "base"), (VARIANTS["peft"], "peft")]:
+            o = next((o for o in same if o["variant"] == ref), None)
+            if o is None:  # not among --variants
+                continue
+            r[f"x_{col}"] = r["decode_tok_s"] / o["decode_tok_s"]
+            if "gpu_ms_step" in r:  # a speed ratio, like x_base / x_peft: the other's time over this one's
+                r[f"gpu_x_{col}"] = o["gpu_ms_step"] / r["gpu_ms_step"]
 
 
 def main():
@@ -167,22 +184,22 @@ def main():
                     if cuda:
                         with ctx():
                             row["gpu_ms_step"] = gpu_step_ms(net, ids, args.gpu_tokens, dev)
+                            C.free_memory()
+                            before, mem = torch.cuda.memory_allocated(), {}
+                            with C.peak_memory(dev, mem):  # the generate's peak over what was resident, plus its weights
+                                gen_seconds(net, ids, n_new, dev)
+                            row["peak_gib"] = (mem["peak_gib"] * 2**30 - before + C.resident_bytes(net)) / 2**30
                     rows.append(row)
                     shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
                     shown["decode_tok_s_runs"] = [round(v, 1) for v in row["decode_tok_s_runs"]]
                     print(shown, flush=True)
+            add_ratios(rows)
+            C.write_json(args.json, {"bench": "generate", "env": C.env_info(dev), "config": vars(args),
+                                     "rows": rows})  # partial results survive a time limit
         del nets
         C.free_memory()
 
-    for r in rows:
-        same = [o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"]]
-        for ref, col in [(VARIANTS["base"], "base"), (VARIANTS["peft"], "peft")]:
-            o = next((o for o in same if o["variant"] == ref), None)
-            if o is None:  # not among --variants
-                continue
-            r[f"x_{col}"] = r["decode_tok_s"] / o["decode_tok_s"]
-            if "gpu_ms_step" in r:  # a speed ratio, like x_base / x_peft: the other's time over this one's
-                r[f"gpu_x_{col}"] = o["gpu_ms_step"] / r["gpu_ms_step"]
+    add_ratios(rows)
     info = C.env_info(dev)
     title = f"Generation: {n_new} new tokens after a {args.prompt}-token prompt, greedy, {dt}, precision {args.precision}, " \
             f"{info.get('gpu', info.get('cpu'))}"
@@ -191,7 +208,7 @@ def main():
             ("prefill_ms", "prefill ms", 1)]
     if cuda:
         cols += [("gpu_ms_step", "GPU busy ms/step", 3), ("gpu_x_peft", "GPU speed x PEFT", 2),
-                 ("gpu_x_base", "GPU speed x base", 2)]
+                 ("gpu_x_base", "GPU speed x base", 2), ("peak_gib", "peak GiB", 2)]
     table = C.print_table(rows, cols, title)
     C.write_json(args.json, {"bench": "generate", "env": info, "config": vars(args), "rows": rows, "table": table})
 

@@ -1,29 +1,27 @@
-"""One adapted projection, forward + backward: ms, and ratios vs the frozen base layer and vs PEFT LoRA r=8,
-all measured in the same run.
+"""One adapted projection, a trainer-like step (forward, backward of a random dy, AdamW, zero_grad): wall-clock ms
+and the GPU's busy time beside it, every variant in one run and in turns, ratios to the frozen base and PEFT LoRA r=8.
 
-    python benchmarks/bench_layer.py --device cuda            # 4096x4096, 8192 tokens, bf16 (issue 5, target 1)
-    python benchmarks/bench_layer.py --device cpu             # 1024x1024, 2048 tokens, fp32 (target 4), < 1 min
+    python benchmarks/bench_layer.py --device cuda            # 4096x4096, 8192 tokens, bf16
+    python benchmarks/bench_layer.py --device cpu             # 1024x1024, 2048 tokens, fp32, < 1 min
 
-Variants: base, PEFT LoRA r=8/16/32, the authors' formulation, ours eager (HydraLinear with HYDRALORA_FUSED=0),
-ours torch.compile (of the eager layer), ours fused (HydraLinear with HYDRALORA_FUSED=1: its base is a plain
-nn.Linear, so the layer runs base and adapter in hydralora.ops.hydra_linear_fused, the adapter's dx added in the
-base's dx GEMM), ours fused delta (the same layer with a forward hook on its base, which keeps base_layer(x) and
-then hydralora.ops.hydra_delta_fused: the path of any other base layer) and ours fused+base (hydra_linear_fused
-called directly, without the layer).
-
-On CUDA each variant also gets its GPU busy time per call (torch.profiler's kernel durations, summed): the layer's
-cost on the GPU alone, which the measured ms only shows when the host issues the work faster than the GPU runs it.
+Every adapted variant is built as users build it, with peft.get_peft_model and a default config
+(HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05), LoraConfig(r=8, lora_dropout=0.05)), and called through its
+PeftModel. Default variants: base (the frozen projection), peft r8, ours (HydraLoRA, the default dispatch: the fused
+op on CUDA), ours eager (HYDRALORA_FUSED=0). Others by --variants: peft r16, peft r32, authors (the authors'
+formulation), ours layer (the tuner layer called directly, without the PeftModel), ours fused delta (a hook on the
+base keeps base_layer(x), then the delta op), ours compile (torch.compile of the eager layer).
 """
 
 from __future__ import annotations
-
-import random
 
 import torch
 from torch import nn
 
 import _common as C
 from authors_formulation import AuthorsHydraLinear
+
+DEFAULT_VARIANTS = ["base", "peft r8", "ours", "ours eager"]
+OTHER_VARIANTS = ["peft r16", "peft r32", "authors", "ours layer", "ours fused delta", "ours compile"]
 
 
 class One(nn.Module):
@@ -35,25 +33,13 @@ class One(nn.Module):
         return self.proj(x)
 
 
-class FusedWithBase(nn.Module):
-    """hydra_linear_fused over a HydraLinear's parameters."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        from hydralora.ops import hydra_linear_fused
-
-        L, n = self.layer, "default"
-        cfg = L.hconfig[n]
-        out, _, _ = hydra_linear_fused(
-            x, L.base_layer.weight, L.base_layer.bias, L.hydralora_A[n], L.hydralora_router[n], L.hydralora_B[n],
-            L.scaling[n], cfg.lora_dropout, L.training, cfg.router_temperature)
-        return out
+def switch_for(variant: str):
+    """The HYDRALORA_FUSED value a variant runs under (None: unset, the default)."""
+    return "0" if variant in ("ours eager", "ours compile") else None
 
 
 def build(variant, k, d, dev, dt, args):
+    """(module to call, trainable parameters) of a variant."""
     import peft
 
     import hydralora
@@ -62,14 +48,12 @@ def build(variant, k, d, dev, dt, args):
     one = One(k, d, dev, dt)
     one.proj.weight.requires_grad_(False)
     if variant == "base":
-        return one.proj, []
+        return one, []
     if variant.startswith("peft"):
         r = int(variant.split("r")[-1])
-        pm = C.get_peft_model(one, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout,
-                                                   target_modules=["proj"]), args)
-        layer = pm.base_model.model.proj
-        C.randomize_([p for n, p in layer.named_parameters() if "lora_B" in n])
-        return layer, [p for p in layer.parameters() if p.requires_grad]
+        pm = C.get_peft_model(one, peft.LoraConfig(r=r, lora_dropout=args.dropout, target_modules=["proj"]), args)
+        C.randomize_([p for n, p in pm.named_parameters() if "lora_B" in n])
+        return pm, [p for p in pm.parameters() if p.requires_grad]
     if variant == "authors":
         layer = AuthorsHydraLinear(one.proj, r=args.r, lora_alpha=2 * args.r, dropout=args.dropout,
                                    num_experts=args.experts)
@@ -77,70 +61,63 @@ def build(variant, k, d, dev, dt, args):
         trainable = [p for p in layer.parameters() if p.requires_grad]
         C.adapter_dtype_(trainable, args)
         return layer, trainable
-    cfg = hydralora.HydraLoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
-                                    num_experts=args.experts, target_modules=["proj"])
+    cfg = hydralora.HydraLoraConfig(r=args.r, num_experts=args.experts, lora_dropout=args.dropout,
+                                    target_modules=["proj"])
     pm = C.get_peft_model(one, cfg, args)
     layer = pm.base_model.model.proj
     C.randomize_(list(layer.hydralora_B.values()))
-    trainable = [p for p in layer.parameters() if p.requires_grad]
+    trainable = [p for p in pm.parameters() if p.requires_grad]
     if variant == "ours compile":
         return torch.compile(layer), trainable
-    if variant == "ours fused+base":
-        return FusedWithBase(layer), trainable
+    if variant == "ours layer":
+        return layer, trainable
     if variant == "ours fused delta":
         layer.base_layer.register_forward_hook(lambda module, args, output: None)  # base_layer(x) + delta
-        return layer, trainable
-    return layer, trainable
+    return pm, trainable
 
 
-def make_step(layer, trainable, x, dy, args):
-    """One timed call: forward + backward of dy (grads cleared), or a no-grad forward with args.inference."""
+def make_step(net, trainable, x, dy, args):
+    """One timed call: the trainer-like step, or a no-grad forward with --inference."""
     dev, dt = args.device, C.resolve_dtype(args)
-
-    def step():
-        if getattr(args, "inference", False):
+    if args.inference:
+        def infer():
             with torch.no_grad(), C.autocast(args, dev, dt):
-                layer(x)
-            return
-        with C.autocast(args, dev, dt):
-            out = layer(x)
-        out.backward(dy)
-        x.grad = None
-        for t in trainable:
-            t.grad = None
+                net(x)
+        return infer
 
-    return step
+    def forward_backward():
+        with C.autocast(args, dev, dt):
+            out = net(x)
+        out.backward(dy)  # the gradient of sum(out * dy), without the loss's two extra passes over out
+        x.grad = None
+
+    return C.trainer_step(forward_backward, trainable)
 
 
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
     C.add_layer_args(p)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--variants", default=None, help="comma-separated subset")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the CPU target is for 2)")
-    p.add_argument("--compile", action="store_true", help="include torch.compile on CPU too (slow to compile)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma list (default {','.join(DEFAULT_VARIANTS)}; also {','.join(OTHER_VARIANTS)})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--inference", action="store_true",
                    help="forward only, eval mode, no grad (decode-like with --tokens 1: per-call overhead)")
     args = p.parse_args()
     dev, dt = args.device, C.resolve_dtype(args)
     cuda = dev == "cuda"
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(DEFAULT_VARIANTS)
+    bad = [v for v in variants if v not in DEFAULT_VARIANTS + OTHER_VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; allowed: {', '.join(DEFAULT_VARIANTS + OTHER_VARIANTS)}")
     T, k = C.layer_shape(args)
     d = k
-    repeats = args.repeats or (30 if cuda else 7)
-    inner = 5 if cuda else 1
-    warmup = 10 if cuda else 2
     repeats = args.repeats or (30 if cuda else 9)
-    variants = ["base", "peft r8", "peft r16", "peft r32", "authors", "ours eager"]
-    if cuda or args.compile:
-        variants.append("ours compile")
-    if cuda:
-        variants += ["ours fused", "ours fused delta", "ours fused+base", "base (again)"]
-    if args.variants:
-        variants = [v.strip() for v in args.variants.split(",")]
-    print(f"layer {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout={args.dropout}, {dt}, precision {args.precision}, {dev}", flush=True)
-
+    inner = 5 if cuda else 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"layer {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout={args.dropout}, {dt}, "
+          f"precision {args.precision}, {dev}", flush=True)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     x = torch.randn(T, k, generator=gen).to(dev, dt).requires_grad_(not args.inference)
     dy = torch.randn(T, d, generator=gen).to(dev, dt)
@@ -149,78 +126,57 @@ def main():
         row = {"variant": v}
         rows.append(row)
         try:
-            layer, trainable = build(v.replace(" (again)", ""), k, d, dev, dt, args)
-            layer.train(not args.inference)
-
-            step = make_step(layer, trainable, x, dy, args)
-            with C.fused_dispatch(v.startswith("ours fused")):
-                step()  # outside the memory window: autotuning (a 256 MiB L2-flush buffer) and compilation
-                mem = {}
+            net, trainable = build(v, k, d, dev, dt, args)
+            net.train(not args.inference)
+            step = make_step(net, trainable, x, dy, args)
+            ctx = (lambda s=switch_for(v): C.fused_switch(s))
+            with ctx():
+                step()  # outside the memory window: autotuning (a 256 MiB L2-flush buffer), compilation, AdamW state
                 C.free_memory()
                 base_alloc = torch.cuda.memory_allocated() if cuda else 0
+                mem = {}
                 with C.peak_memory(dev, mem):
                     step()
                 if cuda:
                     row["extra_mib"] = (mem["peak_gib"] * 2**30 - base_alloc) / 2**20
-                C.time_ms(step, dev, warmup=warmup, repeats=1, inner=1)
-            steps[v] = step
+                C.time_ms(step, dev, warmup=10 if cuda else 2, repeats=1, inner=1)
+            steps[v] = (step, ctx)
         except Exception as err:  # a variant that fails (e.g. compile) is reported, not fatal
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            row["error_full"] = f"{type(err).__name__}: {err}"  # Triton puts the failing source line after the first
-            print(f"{v} failed:\n{row['error_full']}", flush=True)
-    # Round-robin: every round times each variant once, so drifts and neighbours' load hit all variants alike; the
-    # order is shuffled per round (seeded), so no variant always follows the same neighbour (session 4 saw the
-    # variant timed right after torch.compile's come out slower in two runs).
-    samples, host = {v: [] for v in steps}, {v: [] for v in steps}
-    order_rng = random.Random(args.seed)
-    for _ in range(repeats):
-        order = list(steps)
-        order_rng.shuffle(order)
-        for v in order:
-            step = steps[v]
-            with C.fused_dispatch(v.startswith("ours fused")):
-                t = C.time_ms(step, dev, warmup=0, repeats=1, inner=inner)
-                samples[v].append(t["ms"])
-                if "host_ms" in t:
-                    host[v].append(t["host_ms"])
-    if cuda:  # the GPU's own cost per call: what the layer would take on a host fast enough to keep the GPU busy
-        for row in rows:
-            if row["variant"] in steps:
-                with C.fused_dispatch(row["variant"].startswith("ours fused")):
-                    row["gpu_ms"] = C.device_busy_ms(steps[row["variant"]], dev)
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            print(f"{v} failed: {row['error']}", flush=True)
+    timed = C.take_turns(steps, dev, repeats, inner=inner, seed=args.seed)
     for row in rows:
-        s_ = sorted(samples.get(row["variant"], []))
-        if s_:
-            row.update(ms=s_[len(s_) // 2], min_ms=s_[0], max_ms=s_[-1], n=len(s_))
-            if host.get(row["variant"]):
-                row["host_ms"] = sorted(host[row["variant"]])[len(host[row["variant"]]) // 2]
-            print(f"{row['variant']}: {row['ms']:.3f} ms", flush=True)
-
-    base_ms = next(r["ms"] for r in rows if r["variant"] == "base")
-    lora_ms = next((r["ms"] for r in rows if r["variant"] == "peft r8" and "ms" in r), None)
-    base_gpu = next((r.get("gpu_ms") for r in rows if r["variant"] == "base"), None)
-    lora_gpu = next((r.get("gpu_ms") for r in rows if r["variant"] == "peft r8"), None)
+        v = row["variant"]
+        if v in timed:
+            t = timed[v]
+            row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], n=t["n"])
+            if "host_ms" in t:
+                row["host_ms"] = t["host_ms"]
+            if cuda:  # the GPU's own cost per call: what the step would take on a host fast enough for the GPU
+                step, ctx = steps[v]
+                with ctx():
+                    row["gpu_ms"] = C.device_busy_ms(step, dev)
+    ref = {name: next((r for r in rows if r["variant"] == name and "ms" in r), None) for name in ("base", "peft r8")}
     for r in rows:
-        if "ms" in r:
-            r["x_base"] = r["ms"] / base_ms
-            r["x_peft_r8"] = r["ms"] / lora_ms if lora_ms else None
-        if r.get("gpu_ms") and base_gpu:
-            r["gpu_x_base"] = r["gpu_ms"] / base_gpu
-            r["gpu_x_peft_r8"] = r["gpu_ms"] / lora_gpu if lora_gpu else None
-    cols = [("variant", "variant", 0), ("ms", "ms (median)", 3), ("min_ms", "min", 3), ("max_ms", "max", 3),
-            ("x_base", "x frozen base", 2), ("x_peft_r8", "x PEFT LoRA r=8", 2)]
+        for name, col in (("base", "x_base"), ("peft r8", "x_peft_r8")):
+            o = ref[name]
+            if "ms" in r and o:
+                r[col] = r["ms"] / o["ms"]
+            if r.get("gpu_ms") and o and o.get("gpu_ms"):
+                r["gpu_" + col] = r["gpu_ms"] / o["gpu_ms"]
+    cols = [("variant", "variant", 0), ("ms", "ms", 3), ("x_base", "x base", 2), ("x_peft_r8", "x PEFT r8", 2)]
     if cuda:
-        cols += [("host_ms", "host ms to issue", 3), ("gpu_ms", "GPU busy ms", 3), ("gpu_x_base", "GPU x frozen", 2),
-                 ("gpu_x_peft_r8", "GPU x PEFT r=8", 2), ("extra_mib", "fwd+bwd peak extra MiB", 0)]
+        cols += [("gpu_ms", "GPU busy ms", 3), ("gpu_x_base", "GPU x base", 2), ("gpu_x_peft_r8", "GPU x PEFT r8", 2),
+                 ("host_ms", "host ms to issue", 3), ("extra_mib", "peak extra MiB", 0)]
+    cols += [("min_ms", "min ms", 3), ("max_ms", "max ms", 3)]
     info = C.env_info(dev)
-    title = f"Layer {'forward (inference)' if args.inference else 'fwd+bwd'}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, " \
-            f"precision {args.precision}, {info.get('gpu', info.get('cpu'))}"
+    what = "forward (inference)" if args.inference else "trainer step"
+    title = (f"Layer {what}: {k}x{d}, {T} tokens, r={args.r}, N={args.experts}, dropout {args.dropout}, {dt}, "
+             f"precision {args.precision}, {info.get('gpu', info.get('cpu'))}")
     table = C.print_table(rows, cols, title)
-    ours = next((r for r in rows if r["variant"] == "ours eager" and "ms" in r), None)
-    if ours and lora_ms:
-        print(f"\nHydraLoRA (ours eager) / PEFT LoRA r=8 = {ours['ms'] / lora_ms:.2f}x")
     C.write_json(args.json, {"bench": "layer", "env": info, "config": vars(args) | {"tokens": T, "features": k},
-                             "rows": rows, "samples_ms": samples, "table": table})
+                             "rows": rows, "samples_ms": {v: t["samples_ms"] for v, t in timed.items()},
+                             "table": table})
 
 
 if __name__ == "__main__":

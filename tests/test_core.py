@@ -479,13 +479,13 @@ def test_usage_tokens_are_counted_on_the_device_while_a_cuda_graph_is_captured(f
     accumulator (replayed with the gate sums), not to the host float. Capture is simulated on the CPU; the
     statistics come out the same as without it."""
     from hydralora import HydraLinear
-    from hydralora.ops import fused as fops
+    from hydralora.ops import dispatch, fused as fops
     from hydralora.tuner import layer as hlayer
 
     if fused:  # the fused op's path (PyTorch backend on the CPU), where the layer counts tokens in _usage_target
         monkeypatch.setenv("HYDRALORA_FUSED", "1")
-        monkeypatch.setattr(fops, "_kernel_device", lambda x: True)
-        monkeypatch.setattr(fops, "_layer_supported", lambda *a, **k: True)
+        monkeypatch.setattr(dispatch, "kernel_device", lambda x: True)
+        monkeypatch.setattr(fops, "supported", lambda *a, **k: True)
     torch.manual_seed(0)
     cfg = HydraLoraConfig(r=4, lora_alpha=8, num_experts=3, target_modules=["x"], lora_dropout=0.0)
     layer = HydraLinear(torch.nn.Linear(32, 24), "default", cfg).eval()

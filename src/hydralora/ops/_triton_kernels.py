@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Hash constants, written as signed int32 bit patterns (see fused._keep_mask_torch for the same function).
+# Hash constants, written as signed int32 bit patterns (see reference.keep_mask for the same function).
 _GOLD = tl.constexpr(-1640531535)  # 0x9E3779B1 (constexpr: Triton jit code may read only constexpr globals)
 _C1 = tl.constexpr(2146121005)  # 0x7FEB352D
 _C2 = tl.constexpr(-2073254261)  # 0x846CA68B
@@ -49,7 +49,7 @@ def _keep(rows, k0, K, s1, s2, thr, BK: tl.constexpr):
 
 def _fwd_configs():
     out = []
-    # H200, 8192 x 4096 (benchmarks/breakdown_layer.py --sweep): BT=64 with BK=256/8 warps or BK=128 fastest
+    # H200, 8192 x 4096 (results/perf/2026-12-01/breakdown_and_sweep.json): BT=64 with BK=256/8 warps or BK=128 fastest
     for bt, bk, w, s in [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 256, 8, 3), (128, 64, 8, 3)]:
         out.append(triton.Config({"BT": bt, "BK": bk}, num_warps=w, num_stages=s))
     return out

@@ -15,8 +15,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from transformers.pytorch_utils import Conv1D
 
 from ..compile_check import check_training_compile
-from ..ops import layer_fused_supported, layer_hydra_delta_fused, layer_linear_fused
-from ..ops.fused import _flat_B, add_usage, capturing as _capturing
+from ..ops import FusedPlan, base_hooked, dispatch as _dispatch, plan_fused, run_plan
+from ..ops.dispatch import fused_switch
+from ..ops.fused import capturing as _capturing
+from ..ops.reference import add_usage, flat_B as _flat_B
 from ..ops.project import dropout_project, use_dropout_project
 from .config import BalanceLoss, HydraLoraConfig
 
@@ -96,6 +98,7 @@ class HydraLoraLayer(BaseTunerLayer):
         self._usage_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (acc[:N], acc[N]), made once
         self._usage_tokens_host: dict[str, float] = {}  # name -> tokens seen in unmasked calls (no kernel to count)
         self._weight_cache: dict[str, tuple] = {}  # derived weights reused while no graph is recorded
+        self._fused_plans: dict[tuple, Optional[FusedPlan]] = {}  # the fused dispatch's decisions (_fused_plan)
 
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
@@ -116,6 +119,7 @@ class HydraLoraLayer(BaseTunerLayer):
                 "HydraLoraConfig.num_experts='auto' must be resolved to an integer before the adapter is built: "
                 "use `hydralora train` (which finds N from the corpus) or hydralora.clustering.resolve_num_experts."
             )
+        self._fused_plans.clear()
         r, n = config.r, config.num_experts
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = config.lora_alpha
@@ -447,8 +451,9 @@ class HydraLoraLayer(BaseTunerLayer):
             # Under autocast every GEMM below casts to the autocast dtype itself; casting a bf16 x up to the fp32
             # adapter weights first would add two passes over x and change nothing (bf16 -> fp32 -> bf16 is exact).
             x = self._cast_input_dtype(x, A.dtype)
-        if layer_fused_supported(self, adapter_name, x, result):  # CUDA fast path (HYDRALORA_FUSED, see ops)
-            return layer_hydra_delta_fused(self, adapter_name, x, result)
+        plan = self._fused_plan(x, adapter_name)  # CUDA fast path (HYDRALORA_FUSED, see hydralora.ops.dispatch)
+        if plan is not None and result.dtype == plan.dtype and result.shape[:-1] == x.shape[:-1]:
+            return self._run_fused(plan, x, result)
         offset = self._init_offset(adapter_name)
         if offset is not None:
             A = torch.cat([A, offset[0].to(A.dtype)], 0)  # (2r, k): the frozen initial A shares x's dropout mask
@@ -456,6 +461,69 @@ class HydraLoraLayer(BaseTunerLayer):
         gate = self._gate(adapter_name, logits, x)  # (..., N) fp32
         self._record(adapter_name, logits, gate, x)
         return self._mix(adapter_name, h, gate, result, offset)
+
+    def _fused_plan(self, x: torch.Tensor, adapter_name: Optional[str] = None) -> Optional[FusedPlan]:
+        """The fused op's plan for this call (hydralora.ops.dispatch), or None for the eager path: adapter_name's
+        update on a given base output, or (None) the base layer and the one active adapter in one op.
+
+        Decided once per state (device, dtype, autocast, training, routing mode, active adapters, HYDRALORA_FUSED)
+        and kept until the layer is moved or cast, or an adapter is added or deleted; a setting changed in place on
+        an adapter's config needs `layer._fused_plans.clear()`. Per call only what can change unseen is checked:
+        the device, a torch.compile trace (stays eager: Inductor fuses it), x's size, the adapter's weights
+        (replaced or recast), hooks or a trainable weight on the base.
+        """
+        if not _dispatch.kernel_device(x) or torch.compiler.is_compiling() or not 0 < x.numel() < 2**31:
+            return None  # the device first: on the CPU every call ends here
+        dev = x.device
+        amp = torch.is_autocast_enabled(dev.type)
+        active = self._active_adapter
+        key = (adapter_name, dev, x.dtype, amp and torch.get_autocast_dtype(dev.type), self.training,
+               self.routing_mode, active if isinstance(active, str) else tuple(active), fused_switch())
+        plans = self._fused_plans
+        plan = plans[key] if key in plans else plans.setdefault(key, self._make_fused_plan(x, adapter_name))
+        if plan is None:
+            return None
+        mods, name = self._modules, plan.name
+        A, W_g, B = plan.A, plan.W_g, plan.B
+        if (mods["hydralora_A"]._parameters[name] is not A or mods["hydralora_router"]._parameters[name] is not W_g
+                or mods["hydralora_B"]._parameters[name] is not B
+                or (A.dtype, W_g.dtype, B.dtype) != plan.weight_dtypes):
+            # a weight replaced (load_state_dict(assign=True)) or recast through .data since the plan was made
+            plan = plans[key] = self._make_fused_plan(x, adapter_name)
+            if plan is None:
+                return None
+        if plan.base is not None and base_hooked(plan):
+            return None
+        return plan
+
+    def _make_fused_plan(self, x: torch.Tensor, adapter_name: Optional[str]) -> Optional[FusedPlan]:
+        base = None
+        if adapter_name is None:  # the base inside the op: one active adapter over a plain Linear (checked in ops)
+            names = [n for n in self.active_adapters if n in self.hydralora_A]
+            if len(names) != 1:
+                return None
+            adapter_name, base = names[0], self.base_layer
+        cfg = self.hconfig[adapter_name]
+        return plan_fused(
+            adapter_name, x, self.hydralora_A[adapter_name], self.hydralora_router[adapter_name],
+            self.hydralora_B[adapter_name], scaling=self.scaling[adapter_name], temperature=cfg.router_temperature,
+            dropout_p=cfg.lora_dropout, training=self.training, router_input=cfg.router_input,
+            routing_mode=self.routing_mode, top_k=cfg.top_k, num_experts=self.num_experts[adapter_name],
+            masked_experts=cfg.masked_experts, init_offset=self._init_offset(adapter_name) is not None,
+            expert_dropout=cfg.expert_dropout, base=base)
+
+    def _run_fused(self, plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The planned op: usage counted inside it, B's flat matrix from the weight cache where no graph is
+        recorded (generation, eval; the eager path's entry, the same tensor), balance loss and statistics recorded."""
+        name = plan.name
+        usage, weights = self._usage_target(name, x)
+        B_flat = None
+        if not torch.is_grad_enabled():
+            B = plan.B
+            B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
+        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat)  # (..., d), (..., N), (..., N)
+        self._record(name, logits, gate, x, counted=usage is not None)
+        return out
 
     def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
              offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
@@ -548,9 +616,9 @@ class HydraLinear(nn.Module, HydraLoraLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if not self.merged and not args and not kwargs:
-            fused = layer_linear_fused(self, x)  # CUDA: a plain nn.Linear base and the adapter in one op, or None
-            if fused is not None:
-                return fused  # (..., d)
+            plan = self._fused_plan(x)  # CUDA: a plain nn.Linear base and the adapter in one op, or None
+            if plan is not None:
+                return self._run_fused(plan, x)  # (..., d)
         result = self.base_layer(x, *args, **kwargs)  # (..., d)
         if self.merged:
             return result
@@ -558,6 +626,14 @@ class HydraLinear(nn.Module, HydraLoraLayer):
             if name in self.hydralora_A:
                 result = self.hydra_delta(name, x, result)  # (..., d)
         return result
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused_plans.clear()  # a move or cast (.to, .half, .cuda) changes what the fused dispatch decided
+        return super()._apply(fn, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._fused_plans.clear()
+        super().delete_adapter(adapter_name)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge the fixed-gate update into the base weight (refused under token or sequence routing)."""

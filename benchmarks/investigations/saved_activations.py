@@ -1,13 +1,18 @@
 """What autograd keeps for backward (distinct storages, MiB) in one training forward of a small LLaMA: frozen base,
 PEFT LoRA r=8 and HydraLoRA r=8 N=3, all-linear, dropout 0.05; device-independent, so it runs on the CPU.
 
-    python benchmarks/saved_activations.py                  # hidden 256, 2 layers, 4 x 128 tokens, fp32
-    python benchmarks/saved_activations.py --project-min 0  # HydraLoRA's x + mask path on every input size
+    python benchmarks/investigations/saved_activations.py                  # hidden 256, 2 layers, 4 x 128 tokens, fp32
+    python benchmarks/investigations/saved_activations.py --project-min 0  # HydraLoRA's x + mask path on every input size
 
 --project-min sets hydralora.ops.project.MIN_NUMEL (default 2^20: only large inputs take that path).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # _common, bench_layer
 
 import _common as C
 import peft

@@ -1,13 +1,18 @@
 """Where one variant of bench_layer spends its time: torch.profiler over a few fwd+bwd steps, a table of the ops by
-device time (CPU time on the CPU), and optionally a Chrome trace. For the "where the gap goes" analysis of
-docs/performance.md: the frozen layer's three GEMMs against everything a variant adds.
+device time (CPU time on the CPU), and optionally a Chrome trace: the frozen layer's three GEMMs against everything
+a variant adds; with --host, cProfile of the Python side instead.
 
-    python benchmarks/profile_layer.py --device cuda --variant "ours fused" --precision amp --trace out/fused.json
-    python benchmarks/profile_layer.py --device cpu --variant "peft r8" --tokens 256 --features 256
-    python benchmarks/profile_layer.py --device cuda --variant "ours fused" --host --steps 50   # Python side
+    python benchmarks/investigations/profile_layer.py --device cuda --variant ours --precision amp --trace out/fused.json
+    python benchmarks/investigations/profile_layer.py --device cpu --variant "peft r8" --tokens 256 --features 256
+    python benchmarks/investigations/profile_layer.py --device cuda --variant ours --host --steps 50   # Python side
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # _common, bench_layer
 
 import cProfile
 import pstats
@@ -16,13 +21,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import _common as C
-from bench_layer import build, make_step
+from bench_layer import build, make_step, switch_for
 
 
 def main():
     p = C.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--variant", default="ours eager", help="a bench_layer variant (base, peft r8, authors, ours eager, "
-                                                             "ours compile, ours fused, ours fused delta, ours fused+base)")
+    p.add_argument("--variant", default="ours eager", help="a bench_layer variant (base, peft r8, ours, ours eager, "
+                                                             "ours layer, ours fused delta, authors, ours compile)")
     C.add_layer_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=25, help="rows of the table")
@@ -43,7 +48,7 @@ def main():
     layer.train(not args.inference)
     step = make_step(layer, trainable, x, dy, args)
 
-    with C.fused_dispatch(args.variant.startswith("ours fused")):
+    with C.fused_switch(switch_for(args.variant)):
         for _ in range(3):  # warm-up: autotuning, compilation, allocator
             step()
         C.sync(dev)

@@ -1,0 +1,115 @@
+"""Host cost of one adapted layer call through the fused dispatch, on a CPU stand-in: microseconds and Python
+function calls per call, HydraLoRA (N=3) and PEFT LoRA r=8, decode (1 token, inference mode) and train (8 tokens,
+forward + backward). Every check runs as on the GPU (x reports is_cuda, Triton "installed"), the PyTorch reference
+replaces the kernels, tiny features make the compute negligible: what is left is the Python a fast GPU waits on.
+
+    python benchmarks/investigations/dispatch_host_cost.py [--features 16] [--profile tottime] [--json OUT]
+    PYTHONPATH=<another checkout's src> python ...   # the same for older code (fused.py before the ops split too)
+"""
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+import warnings
+
+import peft
+import torch
+
+import hydralora
+from hydralora.ops import fused as F
+
+warnings.filterwarnings("ignore")
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--features", type=int, default=16)
+ap.add_argument("--profile", default=None, help="also print ours' cProfile table sorted by this key")
+ap.add_argument("--json", default=None)
+args = ap.parse_args()
+torch.set_num_threads(1)
+F.HAS_TRITON = True
+torch.Tensor.is_cuda = property(lambda self: True)  # every check as on the GPU ...
+try:  # the ops split: dispatch.py decides, fused.use_triton picks the backend
+    from hydralora.ops import dispatch
+
+    F.use_triton = lambda x, dtype, backend: False  # ... but the PyTorch backend's kernels
+    dispatch.kernel_device = lambda x: True
+    layout = "split"
+except ImportError:  # one fused.py
+    F._kernel_device = lambda x: True
+    F._use_triton = lambda x, backend: False
+    layout = "fused.py"
+d = args.features
+
+
+def make(kind, train):
+    base = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False))
+    if kind == "peft":
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["0"])
+    else:
+        cfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3, target_modules=["0"])
+    m = peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
+    m.to(torch.bfloat16).train(train)
+    return m.base_model.model[0]
+
+
+def caller(layer, mode):
+    if mode == "decode":
+        x = torch.randn(1, 1, d, dtype=torch.bfloat16)
+
+        def call():
+            layer(x)
+    else:
+        x = torch.randn(1, 8, d, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(1, 8, d, dtype=torch.bfloat16)
+
+        def call():
+            layer(x).backward(dy)
+    return call
+
+
+def measure(kind, mode, n=2000):
+    layer = make(kind, mode == "train")
+    call = caller(layer, mode)
+    ctx = torch.inference_mode if mode == "decode" else torch.enable_grad
+    with ctx():
+        for _ in range(200):
+            call()
+        best = 1e9
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(n):
+                call()
+            best = min(best, (time.perf_counter() - t) / n * 1e6)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(100):
+            call()
+        pr.disable()
+    return round(best, 1), pstats.Stats(pr).total_calls // 100, layer, call
+
+
+res = {"layout": layout, "features": d}
+for mode in ("decode", "train"):
+    for kind in ["peft", "ours", "peft", "ours"]:  # in turns, twice: the better of the two
+        us, calls, layer, call = measure(kind, mode, 2000 if mode == "decode" else 500)
+        key = f"{mode} {kind}"
+        old = res.get(key)
+        res[key] = {"us": min(us, old["us"]) if old else us, "python_calls": calls}
+    res[f"{mode} ours/peft us"] = round(res[f"{mode} ours"]["us"] / res[f"{mode} peft"]["us"], 2)
+print(json.dumps(res, indent=1))
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+if args.profile:
+    _, _, layer, call = measure("ours", "decode", 10)
+    with torch.inference_mode():
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(3000):
+            call()
+        pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats(args.profile).print_stats(45)
+    print(s.getvalue())

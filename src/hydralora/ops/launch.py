@@ -1,0 +1,203 @@
+"""Launching the Triton kernels (hydralora.ops._triton_kernels): the projection and the backward kernel as
+functions of tensors, with the compiled kernel cached per key and launched directly (the autotuner's and Triton's
+JIT front end cost host time on every call, more than the kernels run at decode sizes).
+
+Imported only where Triton is installed (see hydralora.ops.fused.HAS_TRITON).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import _triton_kernels as _tk
+
+try:  # where Triton keeps its launch hooks (3.4+); without it every launch goes through Triton's runner
+    from triton import knobs as _knobs
+except Exception:  # pragma: no cover - depends on the install
+    _knobs = None
+# the current CUDA stream of a device as an integer, what Triton's runner asks torch for (absent in CPU builds)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1). triton.next_power_of_2 and triton.cdiv are constexpr functions in
+    Triton 3.6, about 3 us of host time per call outside a kernel; these run several times per layer call."""
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tb(T: int) -> int:
+    """Bucket of the token count for the autotuner's key (decode, small and large batches tune separately)."""
+    return min(pow2(max(int(T), 1)), 8192)
+
+
+# Launching through the autotuner and Triton's JIT front end costs about 0.15 ms of host time per call on the H200
+# machine's host (benchmarks/investigations/profile_layer.py --host), more than the proj kernel runs at 8192 tokens:
+# the layer was bound by its host, not its GPU. After the first call for a key (which autotunes and compiles as
+# usual) the chosen compiled kernel is launched directly. The key holds everything the compiled code depends on: the
+# autotuner's key and the constexprs (`tune`, `kw`), the device, the tensors' dtypes and 16-byte alignment and, for
+# the integers the kernels specialize on, divisibility by 16 and equality to 1 (T, TB and the seeds are not
+# specialized).
+_COMPILED: dict = {}
+_PLANS: dict = {}  # kernel name -> (positions of tensor arguments, positions of specialized integer arguments)
+_FREE_INTS = frozenset({"T", "TB", "seed_ptr", "s1", "s2"})
+_DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose compiled-kernel runner differs)
+
+
+def _spec_key(kernel, args) -> tuple[tuple, tuple, list]:
+    """What the compiled code depends on beyond the constexprs: dtype and 16-byte alignment of every tensor,
+    divisibility by 16 and equality to 1 of the specialized integers. Argument kinds by position are fixed per
+    kernel (the calls below), so the positions are found once. Returns (key, positions of the tensors, their data
+    pointers)."""
+    plan = _PLANS.get(kernel.fn.__name__)
+    if plan is None:
+        names = kernel.fn.arg_names
+        plan = _PLANS[kernel.fn.__name__] = (
+            tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)),
+            tuple(i for i, a in enumerate(args) if type(a) is int and names[i] not in _FREE_INTS),
+        )
+    tens, ints = plan
+    ptrs = [args[i].data_ptr() for i in tens]
+    key = (tuple([(args[i].dtype, p % 16 == 0) for i, p in zip(tens, ptrs)]),
+           tuple([(args[i] % 16 == 0, args[i] == 1) for i in ints]))
+    return key, tens, ptrs
+
+
+def hooks_idle() -> bool:
+    """No Triton launch hooks are registered (profilers such as proton register some): Triton's runner then adds
+    nothing to the launch but host time, and the launcher can be called directly."""
+    rt = getattr(_knobs, "runtime", None)
+    if rt is None:
+        return False
+    # Triton 3.6 keeps them as HookChain objects (never None) with a list of calls; older ones as None or a callable
+    return all(h is None or not getattr(h, "calls", True) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def launch(kernel, grid, args, kw, fixed_cfg, tune):
+    """Run an autotuned kernel; under TRITON_INTERPRET=1 (no driver to tune with) or HYDRALORA_AUTOTUNE=0
+    (tests: fewer compilations) run one fixed config instead. `tune`: the values of the autotuner's key."""
+    dev = args[0].device.index
+    spec, tens, ptrs = _spec_key(kernel, args)
+    key = (kernel.fn.__name__, tune, tuple(kw.items()), dev, spec)
+    hit = _COMPILED.get(key)  # (the environment is read on a miss only: each read costs microseconds of host time)
+    if hit is None and (os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HYDRALORA_AUTOTUNE") == "0"):
+        warps = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": 4, "num_stages": 3}
+        kernel.fn[grid(fixed_cfg)](*args, **kw, **fixed_cfg, **warps)
+        return
+    if hit is not None:
+        compiled, meta, tail, direct = hit  # tail: the constexprs' values, in the kernel's argument order
+        g = grid(meta)
+        g = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)  # the launcher wants 3 grid dims
+        try:
+            if direct is not None and hooks_idle():
+                # What Triton's runner calls, without its per-launch extras when no hook is set (a closure, device
+                # and stream lookups through its driver proxy, launch metadata, two empty hook calls).
+                # Tensors go as their data pointers: for a tensor the launcher calls data_ptr() and asks the driver
+                # about the pointer (cuPointerGetAttribute), per pointer argument and launch; an int it takes as is.
+                run, function, packed = direct
+                flat = list(args)
+                for i, p in zip(tens, ptrs):
+                    flat[i] = p
+                run(*g, _raw_stream(dev), function, packed, None, None, None, *flat, *tail)
+            else:
+                compiled[g](*args, *tail)
+            return
+        except Exception as err:  # the kernels overwrite their outputs, so launching again below is safe
+            _COMPILED.clear()
+            _DIRECT["ok"] = False
+            warnings.warn(f"hydralora: direct Triton launch failed ({type(err).__name__}: {err}); launching through "
+                          "the autotuner from now on", RuntimeWarning)
+    compiled = kernel[grid](*args, **kw)
+    if hasattr(compiled, "result"):  # an asynchronous compile's future
+        compiled = compiled.result()
+    if (_DIRECT["ok"] and compiled is not None and hasattr(compiled, "__getitem__")
+            and getattr(kernel, "best_config", None)):
+        meta = dict(kw, **kernel.best_config.kwargs)  # what the grid reads (the grids take T from their closure)
+        tail = tuple(meta[n] for n in kernel.fn.arg_names[len(args):])
+        _COMPILED[key] = (compiled, meta, tail, _direct_parts(compiled))
+
+
+def _direct_parts(compiled):
+    """(launcher, function handle, packed metadata) of a compiled kernel that has been launched once, or None where
+    this Triton's compiled kernels do not have them (then its runner launches them)."""
+    function, packed = getattr(compiled, "function", None), getattr(compiled, "packed_metadata", None)
+    run = getattr(compiled, "run", None)  # a property: builds the launcher if the first launch did not
+    if _raw_stream is None or function is None or packed is None or not callable(run):
+        return None
+    return run, function, packed
+
+
+def _pads(R: int, N: int) -> tuple[int, int]:
+    return max(16, pow2(R)), max(16, pow2(N))
+
+
+_PLACEHOLDERS: dict = {}  # (device, dtype) -> a 2-element zero tensor for pointer arguments a kernel does not read
+
+
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    t = _PLACEHOLDERS.get((device, dtype))
+    if t is None:
+        t = _PLACEHOLDERS[(device, dtype)] = torch.zeros(2, device=device, dtype=dtype)
+    return t
+
+
+def _seed_args(seed, device) -> tuple:
+    """The kernels' (S, seed_ptr, s1, s2) arguments for new_seed's device tensor or for its two ints. S is an int64
+    tensor either way: a pointer of another dtype would select another compiled kernel, compiled (and loaded) in the
+    middle of a CUDA graph capture, which invalidates the capture."""
+    if isinstance(seed, torch.Tensor):
+        return seed, 1, 0, 0
+    s1, s2 = seed if seed is not None else (0, 0)
+    return _placeholder(device, torch.int64), 0, s1, s2
+
+
+def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
+    T, K = x2.shape
+    N, R = G.shape[0], A.shape[0]
+    RP, NP = _pads(R, N)
+    dev = x2.device
+    z = torch.empty(T, N * R, device=dev, dtype=x2.dtype)
+    h = torch.empty(T, R, device=dev, dtype=torch.float32)
+    gate = torch.empty(T, N, device=dev, dtype=torch.float32)
+    raw = torch.empty(T, N, device=dev, dtype=torch.float32)
+    unused = _placeholder(dev, torch.float32)
+    grid = lambda META: (cdiv(T, META["BT"]),)  # noqa: E731
+    args = (x2, A, G, z, h, gate, raw, unused if usage is None else usage, unused if weights is None else weights,
+            *_seed_args(seed, dev), T, K, _tb(T), thr, inv_keep, scaling, inv_temp)
+    kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None)
+    launch(_tk._proj_fwd, grid, args, kw, {"BT": 32, "BK": 128}, (K, _tb(T)))
+    return z, h, gate, raw
+
+
+def _bwd_bt(T: int) -> int:
+    return 64 if T >= 1024 else 32  # H200, 8192 tokens: 64 rows per block beat 128 by 14% (results/perf/2026-12-01)
+
+
+def bwd_x(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_dx):
+    T, K = x2.shape
+    N, R = G.shape[0], A.shape[0]
+    RP, NP = _pads(R, N)
+    BT = _bwd_bt(T)
+    nT = cdiv(T, BT)
+    dev = x2.device
+    dx = torch.empty_like(x2) if need_dx else x2  # not written when need_dx is False
+    part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)  # per row block: dA rows, then dW_g rows
+    gl_arg = gl.contiguous() if gl is not None else gate
+    grid = lambda META: (nT, META["KSPLIT"])  # noqa: E731
+    args = (x2, dz, h, gate, gl_arg, A, G, dx, part, *_seed_args(seed, dev), T, K, _tb(T), thr, inv_keep, scaling,
+            inv_temp)
+    kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
+    launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2}, (K, _tb(T)))
+    dAG = part.sum(0).to(A.dtype)  # (R + N, K): one reduction and one cast for both weights (A, G share a dtype here)
+    return (dx if need_dx else None), dAG[:R], dAG[R:]
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1): the kernels run on the CPU, for debugging and tests."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
