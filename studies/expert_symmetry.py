@@ -1,4 +1,4 @@
-"""Do HydraLoRA's experts become different from each other? (issue 6: why HydraLoRA did not beat LoRA r=8)
+"""Do HydraLoRA's experts become different from each other? (why HydraLoRA as specified did not beat LoRA r=8)
 
 With every expert B_i starting at zero and a router whose initial gate is close to uniform, all B_i receive the
 same gradient up to the gate's small token-to-token differences, and the router's gradient is zero while the B_i

@@ -1,6 +1,6 @@
-"""Tables and plots of the study (issue 6) from its raw run directories: docs/results.md + PNGs.
+"""Tables and plots of the paper-tables study from its raw run directories: markdown tables, summary JSON and PNGs.
 
-    python studies/report_study.py --study results/study --out docs/results
+    python studies/report_study.py --study results/study --out results/quality/DATE
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def paired(data: dict, ref: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="results/study")
-    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--out", default="results/quality/tables")
     ap.add_argument("--data", help="The study's data (for the router's agreement with the N-finding clusters), "
                                    "e.g. studies/data/bbh12.jsonl; without it that column is left out.")
     args = ap.parse_args()
