@@ -381,9 +381,7 @@ class HydraLoraLayer(BaseTunerLayer):
         mask = self._mask_for(x)
         w = torch.ones(b, t, device=probs.device, dtype=probs.dtype) if mask is None else mask.to(probs.dtype)  # (B, T)
         seq = (probs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, N)
-        labels = labels.to(seq.device)
-        if not bool((labels >= 0).any()):
-            return None
+        labels = labels.to(seq.device)  # the model hook passes labels only where at least one is >= 0
         return F.nll_loss(seq.clamp_min(1e-9).log(), labels, ignore_index=-1)  # ()
 
     def expert_ortho_penalty(self, adapter_name: str) -> torch.Tensor:

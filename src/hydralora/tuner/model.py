@@ -117,6 +117,8 @@ class HydraLoraModel(BaseTuner):
     def _pre_forward(self, module, args, kwargs):
         # Per-sequence target experts for the routing-target loss: read here, never passed on to the model.
         route_labels = kwargs.pop("route_labels", None)
+        if route_labels is not None and not bool((route_labels >= 0).any()):  # one check per forward, not per layer
+            route_labels = None
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         embeds = kwargs.get("inputs_embeds")
