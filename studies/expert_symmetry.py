@@ -70,7 +70,7 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, str(STUDIES))
     from report_study import routing_analysis
-    from _common import STUDY_DATA, train_command
+    from study_common import STUDY_DATA, train_command
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

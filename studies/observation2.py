@@ -45,7 +45,7 @@ def _train(out: Path, name: str, data: Path, extra: dict, slots) -> int:
     run = out / "runs" / name
     if (run / "adapter" / "adapter_model.safetensors").is_file():
         return 0
-    from _common import train_command
+    from study_common import train_command
 
     cmd = train_command(run, {"data": str(data), "method": "lora", "seed": SEED, "schedule": "gpu", "max_steps": STEPS,
                               "r": 8, "lora_alpha": 16, "target_modules": "all-linear", "learning_rate": 1e-3,
@@ -79,7 +79,7 @@ def run_observation2(out: Path, workers: int = 8, extra: dict | None = None, iid
     WorkerSlots (CPU threads and GPU per run), built for `workers` when not given."""
     from safetensors.numpy import load_file
 
-    from _common import WorkerSlots
+    from study_common import WorkerSlots
 
     slots = slots or WorkerSlots(workers)
     extra = dict(extra or {})

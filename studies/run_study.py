@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import STUDY_DATA, WorkerSlots, fit_workers, ran_out_of_memory, train_command  # noqa: E402
+from study_common import STUDY_DATA, WorkerSlots, fit_workers, ran_out_of_memory, train_command  # noqa: E402
 import quality  # noqa: E402
 
 # The same data, target modules, steps, learning rate and data order (seed) for every method. The prompts are
