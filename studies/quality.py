@@ -56,7 +56,7 @@ def best_part() -> dict[str, dict]:
     return {"hydralora-best": HYDRALORA_BEST, "lora-matched": LORA_MATCHED_BEST, "lora-r8": LORA_R8_BEST}
 
 
-def _lr_name(lr: float) -> str:
+def lr_name(lr: float) -> str:
     return f"lr{lr:.0e}".replace("e-0", "e-")
 
 
@@ -65,13 +65,13 @@ def select_part() -> dict[str, dict]:
     and LoRA+ (B at 16x) on HydraLoRA and its twin."""
     part: dict[str, dict] = {}
     for lr in LEARNING_RATES:
-        part[f"lora-r8-{_lr_name(lr)}"] = {**LORA_R8, "learning_rate": lr}
-        part[f"lora-r{MATCHED_RANK}-{_lr_name(lr)}"] = {**LORA_MATCHED, "learning_rate": lr}
-        part[f"hydralora-n3-{_lr_name(lr)}"] = {**HYDRA, "learning_rate": lr}
+        part[f"lora-r8-{lr_name(lr)}"] = {**LORA_R8, "learning_rate": lr}
+        part[f"lora-r{MATCHED_RANK}-{lr_name(lr)}"] = {**LORA_MATCHED, "learning_rate": lr}
+        part[f"hydralora-n3-{lr_name(lr)}"] = {**HYDRA, "learning_rate": lr}
     for name, over in MECHANISMS.items():
-        part[f"hydralora-n3-{name}-{_lr_name(MECHANISM_LR)}"] = {**HYDRA, **over, "learning_rate": MECHANISM_LR}
-    part[f"hydralora-n3-loraplus16-{_lr_name(1e-3)}"] = {**HYDRA, "loraplus_lr_ratio": 16, "learning_rate": 1e-3}
-    part[f"lora-r{MATCHED_RANK}-loraplus16-{_lr_name(1e-3)}"] = {**LORA_MATCHED, "loraplus_lr_ratio": 16, "learning_rate": 1e-3}
+        part[f"hydralora-n3-{name}-{lr_name(MECHANISM_LR)}"] = {**HYDRA, **over, "learning_rate": MECHANISM_LR}
+    part[f"hydralora-n3-loraplus16-{lr_name(1e-3)}"] = {**HYDRA, "loraplus_lr_ratio": 16, "learning_rate": 1e-3}
+    part[f"lora-r{MATCHED_RANK}-loraplus16-{lr_name(1e-3)}"] = {**LORA_MATCHED, "loraplus_lr_ratio": 16, "learning_rate": 1e-3}
     return part
 
 
@@ -82,8 +82,8 @@ def mechanism_part() -> dict[str, dict]:
 
 def auto_twin_part() -> dict[str, dict]:
     """The auto-N HydraLoRA (N=10) of the earlier study against its own LoRA twin, both at the earlier 1e-3."""
-    return {f"hydralora-auto-{_lr_name(1e-3)}": {**HYDRA, "num_experts": "auto", "learning_rate": 1e-3},
-            f"lora-r{AUTO_TWIN_RANK}-{_lr_name(1e-3)}": {"method": "lora", "r": AUTO_TWIN_RANK,
+    return {f"hydralora-auto-{lr_name(1e-3)}": {**HYDRA, "num_experts": "auto", "learning_rate": 1e-3},
+            f"lora-r{AUTO_TWIN_RANK}-{lr_name(1e-3)}": {"method": "lora", "r": AUTO_TWIN_RANK,
                                                           "lora_alpha": 2 * AUTO_TWIN_RANK, "learning_rate": 1e-3}}
 
 

@@ -71,7 +71,7 @@ def report(study: Path) -> str:
             out.append(row(cfg, r))
     out.append("\n## Mechanisms: three seeds each (seed 0 from select, seeds 1 and 2)\n")
     out.append(HEADER)
-    plain = f"hydralora-n3-{quality._lr_name(quality.MECHANISM_LR)}"
+    plain = f"hydralora-n3-{quality.lr_name(quality.MECHANISM_LR)}"
     if ("select", plain) in runs:
         out.append(row(f"{plain} (no mechanism, seed 0 only)", runs[("select", plain)]))
     for (part, cfg), r in sorted(runs.items()):
