@@ -79,18 +79,33 @@ def report(study: Path) -> str:
             merged = {**runs.get(("select", cfg), {}), **r}
             out.append(row(cfg, merged))
     for part, title in (("auto-twin", "The auto-N HydraLoRA (N = 10) against its own LoRA twin, learning rate 1e-3"),
-                        ("recipe", "Default-recipe candidates at the CPU schedule (bundled data, 140 steps of 8, fp32; "
-                                   "run on the GPU), seed 0")):
+                        ("further", "Further attempt: a larger shared A (r = 16, N = 2) against its LoRA twin (r = 26)")):
         rows = [(cfg, r) for (p, cfg), r in sorted(runs.items()) if p == part]
-        if not rows:
-            continue
-        out.append(f"\n## {title}\n")
-        recipe_base = next((m["base"]["mean_accuracy"] for _, r in rows for m in r.values() if "base" in m), None)
-        if recipe_base is not None:
-            out.append(f"Base model (no adapter), test: {recipe_base:.3f}.\n")
-        out.append(HEADER)
-        out += [row(cfg, r) for cfg, r in rows]
+        if rows:
+            out += [f"\n## {title}\n", HEADER] + [row(cfg, r) for cfg, r in rows]
+    rows = [(cfg, r) for (p, cfg), r in sorted(runs.items()) if p == "recipe"]
+    if rows:
+        out.append("\n## Default-recipe candidates at the CPU schedule (bundled data, 8 per step, fp32; run on the GPU)\n")
+        if (study / "recipe").is_dir():
+            try:
+                pick = quality.select_recipe(study / "recipe")
+                out.append(f"Chosen on validation: {pick['from']} (mean validation {pick['validation']:.3f}, "
+                           f"seeds {pick['seeds']}).\n")
+            except ValueError as err:
+                out.append(f"Not chosen: {err}.\n")
+        out.append("| configuration | trainable | seeds | validation gain | test gain | test gain per seed | minutes |\n"
+                   "|---|---|---|---|---|---|---|")
+        out += [recipe_row(cfg, r) for cfg, r in rows]
     return "\n".join(out) + "\n"
+
+
+def recipe_row(name: str, runs: dict[int, dict]) -> str:
+    """A recipe candidate: its gain over the base model (scored in the same run) on validation and test data."""
+    ms = [runs[s] for s in sorted(runs)]
+    per_seed = ", ".join(f"{s}: {100 * runs[s]['mean_gain']:+.1f}" for s in sorted(runs) if "mean_gain" in runs[s])
+    return (f"| {name} | {ms[0]['trainable_params'] / 1e6:.2f} M | {len(ms)} | "
+            f"{stat([m.get('validation_gain') for m in ms])} | **{stat([m.get('mean_gain') for m in ms])}** | "
+            f"{per_seed or '-'} | {stat([m.get('total_seconds', 0) / 60 for m in ms], 1)} |")
 
 
 if __name__ == "__main__":

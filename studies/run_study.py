@@ -74,12 +74,16 @@ PARTS.update({
     "auto-twin": quality.auto_twin_part(),
     "recipe": quality.recipe_part(),
     "best": quality.best_part(),  # the final comparison by name, without re-running select
+    "further": quality.further_part(),  # a larger shared A at fewer experts, against its own twin
     "final": {},  # hydralora-best, lora-matched, lora-r8: chosen from `select` on validation (quality.select_configs)
 })
-PART_EXTRA = {"select": QUALITY, "mechanisms": QUALITY, "auto-twin": QUALITY, "final": QUALITY, "best": QUALITY}
-PART_SEEDS = {"select": [0], "mechanisms": [1, 2], "recipe": [0]}  # other parts: --seeds
+PART_EXTRA = {"select": QUALITY, "mechanisms": QUALITY, "auto-twin": QUALITY, "final": QUALITY, "best": QUALITY,
+              "further": QUALITY}
+PART_SEEDS = {"select": [0], "mechanisms": [1, 2], "recipe": list(quality.RECIPE_SEEDS)}  # other parts: --seeds
 DEPENDS = {"final": "select"}
-BASE_EVAL = {("main", "lora-r8", 0), ("select", "lora-r8-lr1e-3", 0), ("recipe", "recipe-lr1e-3", 0)}  # the base model is scored once per study
+# the base model is scored once per study; in every recipe run (its gain over the base is the recipe's target)
+BASE_EVAL = {("main", "lora-r8", 0), ("select", "lora-r8-lr1e-3", 0)}
+BASE_EVAL_PARTS = {"recipe"}
 EXTRA_ROUTINGS = ("hydralora-auto",)  # also scored under sequence and fixed-'mean' routing
 MAX_OOM_RETRIES = 3
 
@@ -97,7 +101,7 @@ def run_one(out: Path, part: str, name: str, overrides: dict, seed: int, log, ex
             Path(str(run_dir) + ".log").rename(str(aside) + ".log")
         log(f"{part}/{name}/seed{seed}: unfinished folder moved to {aside.name}")
     sets = {**COMMON, **PART_EXTRA.get(part, {}), **overrides, "seed": seed,
-            "eval_base": (part, name, seed) in BASE_EVAL, "report": True, **(extra or {})}
+            "eval_base": (part, name, seed) in BASE_EVAL or part in BASE_EVAL_PARTS, "report": True, **(extra or {})}
     cmd = train_command(run_dir, sets)
     t = time.time()
     run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -196,13 +196,17 @@ def test_trainer_projects_only_scored_positions_with_the_same_loss(toy, tmp_path
 def test_routing_warm_start_validation_split_and_specialisation_metrics(toy, tmp_path):
     metrics = run_train(toy_spec(toy, tmp_path / "run", num_experts=2, route_target_coef=1.0, route_target_ratio=0.5,
                                  expert_ortho_coef=0.1, init_b="svd", validation_per_task=2, max_steps=4,
-                                 logging_steps=1, report=False, eval_base=False))
+                                 logging_steps=1, report=False, eval_base=True))
     assert sum(metrics["route_target_counts"]) > 0 and len(metrics["route_target_counts"]) == 2
     logged = [h for h in metrics["log_history"] if "loss" in h]
     assert all("route_loss" in h and "ortho_loss" in h for h in logged)
     assert 0.0 <= metrics["router_entropy"] <= 1.0 and -1.0 <= metrics["expert_cos"] <= 1.0
     # two validation examples per task, none of them trained on or in the test set
     assert metrics["validation"]["n_examples"] == 2 * len(metrics["validation"]["per_task"])
+    # the base model is scored on the same validation examples, so a gain can be chosen without the test split
+    assert metrics["base_validation"]["n_examples"] == metrics["validation"]["n_examples"]
+    assert metrics["validation_gain"] == pytest.approx(
+        metrics["validation"]["mean_accuracy"] - metrics["base_validation"]["mean_accuracy"])
 
 
 def test_checkpointed_training_raises_no_future_warning(toy, tmp_path):

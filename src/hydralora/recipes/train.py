@@ -421,6 +421,8 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
         t = time.time()
         with model.disable_adapter():
             metrics["base"] = evaluate(model, tokenizer, test_ex, **eval_kw)
+            if val_ex:  # the gain on validation data is what settings are chosen by
+                metrics["base_validation"] = evaluate(model, tokenizer, val_ex, **eval_kw)
         metrics["base_eval_seconds"] = time.time() - t
         print(f"[hydralora] base model held-out mean accuracy {metrics['base']['mean_accuracy']:.3f}")
 
@@ -490,6 +492,9 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
         print(f"[hydralora] validation mean accuracy {metrics['validation']['mean_accuracy']:.3f} ({len(val_ex)} examples)")
     if "base" in metrics:
         metrics["mean_gain"] = metrics["adapted"]["mean_accuracy"] - metrics["base"]["mean_accuracy"]
+    if "base_validation" in metrics and "validation" in metrics:
+        metrics["validation_gain"] = (metrics["validation"]["mean_accuracy"]
+                                      - metrics["base_validation"]["mean_accuracy"])
     if is_hydra(cfg.method) and uses_router(cfg.method):
         set_routing(model, "token")
         metrics["routing_by_task"] = routing_by_task(model, tokenizer, test_ex, spec, device)
