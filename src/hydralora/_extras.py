@@ -17,6 +17,10 @@ EXTRAS: dict[str, dict[str, str]] = {
     },
 }
 
+# What `hydralora train` and `hydralora eval` import themselves; the readers of parquet, CSV and saved datasets
+# folders (pandas, pyarrow, datasets) check for their own module when such a file is read.
+RUN_MODULES = ("accelerate", "sklearn", "kneed", "tqdm", "tensorboard", "matplotlib", "yaml")
+
 
 class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names it and the extra that installs it."""

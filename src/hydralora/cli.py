@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ._extras import MissingExtraError, require_extra
+from ._extras import RUN_MODULES, MissingExtraError, require_extra
 from .tuner.config import ROUTING_MODES
 
 
@@ -28,7 +28,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    require_extra("hydralora train")
+    require_extra("hydralora train", *RUN_MODULES)
     from .recipes.config import build_spec
     from .recipes.train import run_train
 
@@ -94,7 +94,7 @@ def _load_adapter(adapter: str, model_name: Optional[str], device: str):
 
 
 def _run_eval(args) -> int:
-    require_extra("hydralora eval")
+    require_extra("hydralora eval", *RUN_MODULES)
     from . import hydra_layers, set_routing
     from .data.formats import load_examples
     from .eval.scoring import evaluate, format_table
