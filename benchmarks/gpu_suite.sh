@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md in one command, about 4 minutes on one H200:
+# The GPU measurements of docs/performance.md in one command, about 6 minutes on one H200:
 #   bash benchmarks/gpu_suite.sh [OUTDIR]          (default: $OUT)
 # The fused op's GPU tests (pytest -m gpu, kernels without autotuning), then, each under a time limit and writing
 # JSON as it goes: the layer step, the LLaMA-7B-shaped train step and decode; a failing or cut step does not stop
@@ -21,9 +21,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
   git log -1 --format='commit %H' 2>/dev/null
   python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 } >"$out/env.txt" 2>&1
-step tests 55 env HYDRALORA_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ops.py
+step tests 150 env HYDRALORA_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ops.py
 step layer 35 python3 benchmarks/bench_layer.py --device cuda --repeats 15 --json "$out/layer.json"
 step train_step 75 python3 benchmarks/bench_train_step.py --device cuda --steps 4 --warmup 2 --json "$out/train_step.json"
-step generate 70 python3 benchmarks/bench_generate.py --device cuda --models llama7b-8l --new-tokens 48 --repeats 3 \
+step generate 150 python3 benchmarks/bench_generate.py --device cuda --models llama7b-8l --new-tokens 48 --repeats 3 \
   --gpu-tokens 9 --variants base,peft,token,sequence,merged --json "$out/generate.json"
 python3 benchmarks/perf_tables.py "$out" --out "$out/tables.md"

@@ -129,16 +129,17 @@ def recipe_part() -> dict[str, dict]:
 
 
 def select_recipe(recipe_dir: Path) -> dict:
-    """The recipe candidate with the best mean validation accuracy over the seeds every candidate finished:
-    {"from": name, "config": overrides, "validation": mean, "seeds": [...]}."""
-    finished = {n: {int(d.name[4:]) for d in (recipe_dir / n).glob("seed*") if (d / "metrics.json").is_file()}
-                for n in RECIPE_CANDIDATES}
-    seeds = sorted(set.intersection(*finished.values())) if finished else []
-    if not seeds:
-        raise ValueError(f"no seed finished for every recipe candidate under {recipe_dir}")
-    means = {n: sum(validation_score(recipe_dir / n / f"seed{s}") for s in seeds) / len(seeds) for n in RECIPE_CANDIDATES}
-    pick = max(means, key=lambda n: (means[n], n))
-    return {"from": pick, "config": recipe_part()[pick], "validation": means[pick], "seeds": seeds}
+    """The recipe candidate with the best mean validation accuracy over RECIPE_SEEDS, among the candidates that
+    finished every seed (a candidate with a failed seed is left out, not compared on fewer seeds):
+    {"from": name, "config": overrides, "validation": mean, "seeds": [...], "incomplete": [names]}."""
+    seeds = list(RECIPE_SEEDS)
+    scores = {n: [validation_score(recipe_dir / n / f"seed{s}") for s in seeds] for n in RECIPE_CANDIDATES}
+    complete = {n: sum(v) / len(v) for n, v in scores.items() if None not in v}
+    if not complete:
+        raise ValueError(f"no recipe candidate finished seeds {seeds} under {recipe_dir}")
+    pick = max(complete, key=lambda n: (complete[n], n))
+    return {"from": pick, "config": recipe_part()[pick], "validation": complete[pick], "seeds": seeds,
+            "incomplete": sorted(set(scores) - set(complete))}
 
 
 def validation_score(run_dir: Path) -> float | None:

@@ -90,11 +90,11 @@ def report(study: Path) -> str:
             try:
                 pick = quality.select_recipe(study / "recipe")
                 out.append(f"Chosen on validation: {pick['from']} (mean validation {pick['validation']:.3f}, "
-                           f"seeds {pick['seeds']}).\n")
+                           f"seeds {pick['seeds']}; left out, a seed missing: {', '.join(pick['incomplete']) or 'none'}).\n")
             except ValueError as err:
                 out.append(f"Not chosen: {err}.\n")
-        out.append("| configuration | trainable | seeds | validation gain | test gain | test gain per seed | minutes |\n"
-                   "|---|---|---|---|---|---|---|")
+        out.append("| configuration | trainable | seeds | validation | validation gain | test | test gain | "
+                   "test gain per seed | minutes |\n|---|---|---|---|---|---|---|---|---|")
         out += [recipe_row(cfg, r) for cfg, r in rows]
     return "\n".join(out) + "\n"
 
@@ -104,7 +104,9 @@ def recipe_row(name: str, runs: dict[int, dict]) -> str:
     ms = [runs[s] for s in sorted(runs)]
     per_seed = ", ".join(f"{s}: {100 * runs[s]['mean_gain']:+.1f}" for s in sorted(runs) if "mean_gain" in runs[s])
     return (f"| {name} | {ms[0]['trainable_params'] / 1e6:.2f} M | {len(ms)} | "
-            f"{stat([m.get('validation_gain') for m in ms])} | **{stat([m.get('mean_gain') for m in ms])}** | "
+            f"{stat([m.get('validation', {}).get('mean_accuracy') for m in ms])} | "
+            f"{stat([m.get('validation_gain') for m in ms])} | {stat([m['adapted']['mean_accuracy'] for m in ms])} | "
+            f"**{stat([m.get('mean_gain') for m in ms])}** | "
             f"{per_seed or '-'} | {stat([m.get('total_seconds', 0) / 60 for m in ms], 1)} |")
 
 
