@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hydralora.recipes.config import SCHEDULE_DEFAULTS
+
 # SmolLM2-135M, all linear layers of the decoder: trainable parameters per unit of LoRA rank (30 layers x
 # (q 576+576, k 576+192, v 576+192, o 576+576, gate 576+1536, up 576+1536, down 1536+576)) and HydraLoRA r=8, N=3's
 # count (A 8 x k, B_i d x 8, router 3 x k per layer). `python studies/run_study.py --list` prints them all,
@@ -103,13 +105,12 @@ def auto_twin_part() -> dict[str, dict]:
                                                           "lora_alpha": 2 * AUTO_TWIN_RANK, "learning_rate": 1e-3}}
 
 
-# The default recipe's short CPU schedule (140 steps of 8, 24 test examples per task, fp32), run where it is
-# fast, to choose the recipe's settings on a validation set carved from the bundled training split. Every
-# candidate keeps the step count except one (200 steps: the CPU's 12-minute budget allows about that many).
-RECIPE_SCHEDULE = {"data": "bundled", "schedule": "cpu", "per_device_batch_size": 8, "gradient_accumulation_steps": 1,
-                   "max_steps": 140, "max_seq_length": 192, "eval_max_per_task": 24, "eval_batch_size": 32,
-                   "bf16": False, "validation_per_task": 16, "num_experts": "auto", "method": "hydralora", "r": 8,
-                   "lora_alpha": 16, "router_temperature": 0.1}
+# The default recipe's short CPU schedule (SCHEDULE_DEFAULTS["cpu"]: 110 steps of 8, 24 test examples per task,
+# fp32), run where it is fast, to choose the recipe's settings on a validation set carved from the bundled training
+# split. Every candidate keeps the step count except one (200 steps, to see what a longer budget would buy).
+RECIPE_SCHEDULE = {"data": "bundled", "schedule": "cpu", **SCHEDULE_DEFAULTS["cpu"], "gradient_accumulation_steps": 1,
+                   "eval_batch_size": 32, "bf16": False, "validation_per_task": 16, "num_experts": "auto",
+                   "method": "hydralora", "r": 8, "lora_alpha": 16, "router_temperature": 0.1}
 RECIPE_CANDIDATES = {
     "recipe-loraplus16-temp0.1-lr1e-3": {"learning_rate": 1e-3, "loraplus_lr_ratio": 16},
     "recipe-loraplus16-temp0.1-lr2e-3": {"learning_rate": 2e-3, "loraplus_lr_ratio": 16},

@@ -99,7 +99,7 @@ def test_gpu_suite_parses_and_calls_scripts_that_exist():
     assert {"benchmarks/bench_layer.py", "benchmarks/bench_train_step.py", "benchmarks/bench_generate.py",
             "benchmarks/perf_tables.py"} <= called
     limits = [int(line.split()[2]) for line in script.read_text().splitlines() if line.startswith("step ")]
-    assert sum(limits) <= 240, limits  # the whole set within 4 minutes
+    assert sum(limits) <= 480, limits  # the whole set fits one 10-minute device call with room for setup
 
 
 def test_bad_precision_is_refused():
