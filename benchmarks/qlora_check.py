@@ -34,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+import _common as C  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 
 def _sync(device):
@@ -238,6 +239,7 @@ def child(mode: str, features: int, tokens: int) -> dict:
     if mode == "capture":
         os.environ["HYDRALORA_FUSED"] = "1"
         _, layer = hydralora.hydra_layers(model)[0]
+        C.randomize_(layer.hydralora_B.values())  # B starts at zero: the output would not show the dropout mask
         static = x.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
