@@ -56,30 +56,29 @@ def report(study: Path) -> str:
     chosen = json.loads((study / "selection.json").read_text()) if (study / "selection.json").is_file() else {}
     base = next((m["base"]["mean_accuracy"] for r in runs.values() for m in r.values()
                  if "base" in m and m.get("data", "").endswith("bbh12.jsonl")), None)
-    out.append("## Final: three seeds of the configurations chosen on validation\n")
+    parts = {part for part, _ in runs}
     if base is not None:
         out.append(f"Base model (no adapter), test: {base:.3f}.\n")
-    out.append(HEADER)
-    for name in ("hydralora-best", "lora-matched", "lora-r8"):
-        if ("final", name) in runs:
-            pick = chosen.get(name, {}).get("from", "?")
-            out.append(row(f"{name} (= {pick})", runs[("final", name)]))
-    out.append("\n## Select: every candidate, seed 0 (the choice reads the validation column only)\n")
-    out.append(HEADER)
-    for (part, cfg), r in sorted(runs.items()):
-        if part == "select":
-            out.append(row(cfg, r))
-    out.append("\n## Mechanisms: three seeds each (seed 0 from select, seeds 1 and 2)\n")
-    out.append(HEADER)
-    plain = f"hydralora-n3-{quality.lr_name(quality.MECHANISM_LR)}"
-    if ("select", plain) in runs:
-        out.append(row(f"{plain} (no mechanism, seed 0 only)", runs[("select", plain)]))
-    for (part, cfg), r in sorted(runs.items()):
-        if part == "mechanisms":
-            merged = {**runs.get(("select", cfg), {}), **r}
-            out.append(row(cfg, merged))
+    if "final" in parts:
+        out += ["## Final: three seeds of the configurations chosen on validation\n", HEADER]
+        for name in ("hydralora-best", "lora-matched", "lora-r8"):
+            if ("final", name) in runs:
+                pick = chosen.get(name, {}).get("from", "?")
+                out.append(row(f"{name} (= {pick})", runs[("final", name)]))
+    if "select" in parts:
+        out += ["\n## Select: every candidate, seed 0 (the choice reads the validation column only)\n", HEADER]
+        out += [row(cfg, r) for (part, cfg), r in sorted(runs.items()) if part == "select"]
+    if "mechanisms" in parts:
+        out += ["\n## Mechanisms: three seeds each (seed 0 from select, seeds 1 and 2)\n", HEADER]
+        plain = f"hydralora-n3-{quality.lr_name(quality.MECHANISM_LR)}"
+        if ("select", plain) in runs:
+            out.append(row(f"{plain} (no mechanism, seed 0 only)", runs[("select", plain)]))
+        for (part, cfg), r in sorted(runs.items()):
+            if part == "mechanisms":
+                merged = {**runs.get(("select", cfg), {}), **r}
+                out.append(row(cfg, merged))
     for part, title in (("auto-twin", "The auto-N HydraLoRA (N = 10) against its own LoRA twin, learning rate 1e-3"),
-                        ("further", "Further attempt: a larger shared A (r = 16, N = 2) against its LoRA twin (r = 26)")):
+                        ("further", "Further attempts: a larger shared A at N = 2 (r = 16, r = 32) against LoRA twins (r = 26, r = 50)")):
         rows = [(cfg, r) for (p, cfg), r in sorted(runs.items()) if p == part]
         if rows:
             out += [f"\n## {title}\n", HEADER] + [row(cfg, r) for cfg, r in rows]
