@@ -154,3 +154,59 @@ def test_format_table():
     assert "50.0" in row_a and "100.0" in row_a and "+50.0" in row_a
     assert "+25.0" in table.splitlines()[-1]
     assert "75.0" in format_table(adapted)
+
+
+def _mixed_lengths():
+    """MC examples with 2-4 choices of different token lengths and prompts of different lengths."""
+    return MC + [Example("mc_c", "apple " * (3 + k) + "Q:", "True",
+                         choices=["True", "False", "banana cherry"][: 2 + k % 2], answer="True")
+                 for k in range(4)]
+
+
+def _count_prompt_cache_batches(monkeypatch) -> list:
+    """Record every batch the prompt-cache path scores (a list that grows by one per batch it served)."""
+    from hydralora.eval import scoring
+
+    served, inner = [], scoring._score_with_prompt_cache
+
+    def counted(*args):
+        got = inner(*args)
+        served.append(got is not None)
+        return got
+
+    monkeypatch.setattr(scoring, "_score_with_prompt_cache", counted)
+    return served
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_scores_equal_whole_sequences(tok, arch, monkeypatch):
+    # One prompt pass and a cache per choice row must give each choice the same log-likelihood as scoring the
+    # whole (prompt, choice) sequence; GPT-2 also checks the choices' absolute positions after left padding.
+    model = tiny_llama(len(tok)) if arch == "llama" else tiny_gpt2(len(tok))
+    exs = _mixed_lengths()
+    served = _count_prompt_cache_batches(monkeypatch)
+    shared = choice_loglikelihoods(model, tok, exs, batch_size=3)
+    assert served == [True, True, True]  # 7 examples, 3 per batch, all through the cache
+    whole = choice_loglikelihoods(model, tok, exs, batch_size=3, share_prompt=False)
+    for s, w, ex in zip(shared, whole, exs):
+        assert s == pytest.approx(w, abs=1e-4)
+        assert s == pytest.approx([manual_loglik(model, tok, ex, c) for c in ex.choices], abs=1e-4)
+
+
+def test_shared_prompt_with_hydralora_routing(tok, monkeypatch):
+    import peft
+
+    from hydralora import HydraLoraConfig, set_routing
+
+    model = peft.get_peft_model(tiny_llama(len(tok)), HydraLoraConfig(r=4, num_experts=3, init_b="rlora"))
+    model.eval()
+    exs = _mixed_lengths()
+    whole = choice_loglikelihoods(model, tok, exs, batch_size=4, share_prompt=False)
+    served = _count_prompt_cache_batches(monkeypatch)
+    assert choice_loglikelihoods(model, tok, exs, batch_size=4) == [pytest.approx(w, abs=1e-4) for w in whole]
+    assert served == [True, True]
+    # Sequence routing: the gate is the mean over the scored tokens, so every choice is scored whole.
+    set_routing(model, "sequence")
+    seq_whole = choice_loglikelihoods(model, tok, exs, batch_size=4, share_prompt=False)
+    assert choice_loglikelihoods(model, tok, exs, batch_size=4) == seq_whole
+    assert served == [True, True] and seq_whole != whole

@@ -28,9 +28,11 @@ ADAPTER_FIELDS = tuple(
     f.name for f in fields(HydraLoraConfig)
     if f.name not in {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "task_type"}
 )
-# Per schedule: values used for the fields the user left unset (None).
+# Per schedule: values used for the fields the user left unset (None). The CPU schedule scores the whole held-out
+# split (eval_max_per_task 0): the first rows of a task are not a sample of it, and the shared-prompt scoring of
+# multiple choice keeps the whole split within the schedule's time.
 SCHEDULE_DEFAULTS = {
-    "cpu": {"max_steps": 110, "eval_max_per_task": 24, "per_device_batch_size": 8, "max_seq_length": 192},
+    "cpu": {"max_steps": 110, "eval_max_per_task": 0, "per_device_batch_size": 8, "max_seq_length": 192},
     "gpu": {"max_steps": 600, "eval_max_per_task": 100, "per_device_batch_size": 16, "max_seq_length": 512},
 }
 
