@@ -112,7 +112,7 @@ def auto_twin_part() -> dict[str, dict]:
                                                           "lora_alpha": 2 * AUTO_TWIN_RANK, "learning_rate": 1e-3}}
 
 
-# The default recipe's short CPU schedule (SCHEDULE_DEFAULTS["cpu"]: 110 steps of 8, 24 test examples per task,
+# The default recipe's short CPU schedule (SCHEDULE_DEFAULTS["cpu"]: 110 steps of 8, the whole test split,
 # fp32), run where it is fast, to choose the recipe's settings on a validation set carved from the bundled training
 # split. Every candidate keeps the step count except one (200 steps, to see what a longer budget would buy).
 RECIPE_SCHEDULE = {"data": "bundled", "schedule": "cpu", **SCHEDULE_DEFAULTS["cpu"], "gradient_accumulation_steps": 1,
