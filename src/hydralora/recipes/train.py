@@ -297,6 +297,10 @@ def find_num_experts(train: list[Example], spec: RunSpec, out: Path) -> Optional
     return record
 
 
+# Held-out prompts per task behind the routing diagnostics (routing_by_task, specialisation); accuracy reads them all.
+DIAGNOSTIC_PER_TASK = 24
+
+
 def routing_by_task(model, tokenizer, examples: list[Example], spec: RunSpec, device: str, groups: int = 3) -> dict:
     """Mean router weight per expert, per task, per layer group (early/middle/late): {task: {group: [N]}}."""
     from ..routing import hydra_layers
@@ -495,11 +499,12 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
     if "base_validation" in metrics and "validation" in metrics:
         metrics["validation_gain"] = (metrics["validation"]["mean_accuracy"]
                                       - metrics["base_validation"]["mean_accuracy"])
+    diag_ex = cap_per_task(test_ex, DIAGNOSTIC_PER_TASK)  # router statistics: means over thousands of tokens a task
     if is_hydra(cfg.method) and uses_router(cfg.method):
         set_routing(model, "token")
-        metrics["routing_by_task"] = routing_by_task(model, tokenizer, test_ex, spec, device)
+        metrics["routing_by_task"] = routing_by_task(model, tokenizer, diag_ex, spec, device)
     if is_hydra(cfg.method):
-        metrics.update(specialisation(model, tokenizer, test_ex, spec, device))
+        metrics.update(specialisation(model, tokenizer, diag_ex, spec, device))
     metrics["total_seconds"] = time.time() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     print(format_table(metrics["adapted"], baseline=metrics.get("base")))
