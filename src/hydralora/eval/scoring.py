@@ -65,15 +65,29 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device):
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device, left: bool = True):
+    """(ids, attention mask), both (len(seqs), longest): every sequence padded on the left (or the right)."""
     longest = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), longest), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, longest - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, longest - len(s):] = 1
+            cols = slice(longest - len(s), longest) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
     return ids.to(device), mask.to(device)
+
+
+def _lm_inputs(ids: torch.Tensor, mask: torch.Tensor, params: set[str], keep: int, **extra) -> dict:
+    """Forward keyword arguments for left-padded ids: positions counted over real tokens only (absolute-position
+    models such as GPT-2 need them; left padding would shift them) and only the last `keep` logits, where the
+    model's forward takes those arguments."""
+    kwargs = {"input_ids": ids, "attention_mask": mask, **extra}
+    if "position_ids" in params:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep
+    return kwargs
 
 
 def _prompt_cache_ok(model) -> bool:
@@ -93,13 +107,8 @@ def _score_with_prompt_cache(model, params, prompts, conts, pad, device) -> list
     """Summed log-likelihoods of every continuation of every prompt in one batch: the prompts run once (left-padded,
     their KV cache kept), then every (prompt, choice) row reads its prompt's cache. None where the model returns no
     cache that can be indexed by row (the caller then scores whole sequences)."""
-    ids, mask = _left_pad(prompts, pad, device)  # (B, P)
-    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
-    if "position_ids" in params:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    out = model(**kwargs)
+    ids, mask = _pad(prompts, pad, device)  # (B, P)
+    out = model(**_lm_inputs(ids, mask, params, 1, use_cache=True))
     cache = getattr(out, "cache", None)  # the name since transformers 5.2x
     if cache is None:
         cache = getattr(out, "past_key_values", None)
@@ -109,14 +118,8 @@ def _score_with_prompt_cache(model, params, prompts, conts, pad, device) -> list
     rows = [(b, j) for b, cs in enumerate(conts) for j in range(len(cs))]
     src = torch.tensor([b for b, _ in rows], dtype=torch.long, device=device)  # (R,) the prompt of each row
     cache.batch_select_indices(src)  # (R, ...) per layer: each row's prompt keys and values
-    longest = max(len(conts[b][j]) for b, j in rows)
-    c_ids = torch.full((len(rows), longest), pad, dtype=torch.long)  # (R, L) right-padded choices
-    c_mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (R, L)
-    for r, (b, j) in enumerate(rows):
-        c = conts[b][j]
-        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-        c_mask[r, :len(c)] = 1
-    c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+    c_ids, c_mask = _pad([conts[b][j] for b, j in rows], pad, device, left=False)  # (R, L) right-padded choices
+    longest = c_ids.shape[1]
     full = torch.cat([mask.index_select(0, src), c_mask], dim=1)  # (R, P + L)
     kwargs = {"input_ids": c_ids, "attention_mask": full, _cache_arg(params): cache, "use_cache": True}
     if "position_ids" in params:
@@ -188,15 +191,9 @@ def choice_loglikelihoods(model, tokenizer, examples: Sequence[Example], batch_s
     for start in tqdm(range(0, len(order), batch_size), disable=not progress or not order,
                       desc="multiple choice", unit="batch"):
         batch = [requests[k] for k in order[start:start + batch_size]]
-        ids, mask = _left_pad([p + c for _, _, p, c in batch], pad, device)
-        keep = max(len(c) for *_, c in batch) + 1
-        kwargs = {"input_ids": ids, "attention_mask": mask}
-        if "position_ids" in params:
-            # Left padding shifts positions; absolute-position models (GPT-2) need them fixed.
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        if "logits_to_keep" in params:
-            kwargs["logits_to_keep"] = keep  # only the continuation's logits: saves memory
-        logits = model(**kwargs).logits[:, -keep:, :].float()
+        ids, mask = _pad([p + c for _, _, p, c in batch], pad, device)
+        keep = max(len(c) for *_, c in batch) + 1  # only the continuation's logits: saves memory
+        logits = model(**_lm_inputs(ids, mask, params, keep)).logits[:, -keep:, :].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         for b, (i, j, _, c) in enumerate(batch):
             n = len(c)
@@ -251,7 +248,7 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], batch_size: 
     for start in tqdm(range(0, len(order), batch_size), disable=not progress,
                       desc="generation", unit="batch"):
         idx = order[start:start + batch_size]
-        ids, mask = _left_pad([prompts[k] for k in idx], pad, device)
+        ids, mask = _pad([prompts[k] for k in idx], pad, device)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad,
