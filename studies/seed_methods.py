@@ -163,6 +163,9 @@ def main() -> int:
     for metrics in runs:
         if (metrics.parent / "eval_merged.json").is_file():
             continue
+        if not (metrics.parent / "adapter").is_dir():  # a run copied without its adapter cannot be merged
+            print(f"{metrics.parent}: no adapter folder, skipped", flush=True)
+            continue
         rec = eval_merged(metrics.parent, args.device)
         print(f"{metrics.parent}: unmerged {rec['unmerged_mean']:.4f}, merged {rec['merged_mean']:.4f}", flush=True)
     return 0
