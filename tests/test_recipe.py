@@ -218,3 +218,50 @@ def test_checkpointed_training_raises_no_future_warning(toy, tmp_path):
         metrics = run_train(toy_spec(toy, tmp_path / "ckpt", max_steps=2, report=False, eval_base=False,
                                      gradient_checkpointing=True))
     assert metrics["trainable_params"] > 0
+
+
+def test_length_grouped_batches_pad_less_and_every_example_is_drawn(toy, tmp_path):
+    """group_by_length hands the Trainer transformers' length-grouped sampler: the same examples, batched by length."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from hydralora.data.collate import SFTCollator
+    from hydralora.recipes.train import sampler_training_args
+
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    model = AutoModelForCausalLM.from_pretrained(toy / "model")
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 40, (96,), generator=g).tolist()
+    features = [{"input_ids": list(range(4, 4 + n)), "labels": list(range(4, 4 + n))} for n in lengths]
+
+    def padded_tokens(grouped: bool) -> tuple[int, list[int], type]:
+        args = TrainingArguments(output_dir=str(tmp_path / str(grouped)), per_device_train_batch_size=8, use_cpu=True,
+                                 report_to=[], seed=0, data_seed=0, **sampler_training_args(grouped))
+        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=SFTCollator(tok))
+        loader = trainer.get_train_dataloader()
+        batches = list(loader)
+        drawn = sorted(int(m.sum()) for b in batches for m in b["attention_mask"])
+        return sum(b["input_ids"].numel() for b in batches), drawn, type(trainer._get_train_sampler())
+
+    random_pad, random_drawn, random_sampler = padded_tokens(False)
+    grouped_pad, grouped_drawn, grouped_sampler = padded_tokens(True)
+    assert grouped_sampler is LengthGroupedSampler and random_sampler is not LengthGroupedSampler
+    assert grouped_drawn == random_drawn == sorted(lengths)
+    assert grouped_pad < 0.8 * random_pad
+
+
+def test_group_by_length_follows_the_schedule_and_is_validated(toy, tmp_path):
+    from hydralora.recipes.config import apply_schedule
+
+    for schedule, expected in (("cpu", True), ("gpu", False)):
+        spec = build_spec({"schedule": schedule})
+        apply_schedule(spec.train, on_gpu=False)
+        assert spec.train.group_by_length is expected
+    spec = build_spec({"schedule": "cpu", "group_by_length": False})
+    apply_schedule(spec.train, on_gpu=False)
+    assert spec.train.group_by_length is False  # a value the user set is kept
+    with pytest.raises(ValueError, match="group_by_length='yes please'"):
+        build_spec({"group_by_length": "yes please"})
+    metrics = run_train(toy_spec(toy, tmp_path / "grouped", max_steps=2, report=False, eval_base=False,
+                                 group_by_length=True))
+    assert metrics["trainable_params"] > 0

@@ -26,6 +26,16 @@ from .methods import build_model, is_hydra, staged_training, uses_router
 from .response_logits import keep_response_logits, logits_to_keep_support
 
 
+def sampler_training_args(group_by_length: bool) -> dict[str, Any]:
+    """TrainingArguments keyword arguments for random or length-grouped batches, under the name the installed
+    transformers has (`train_sampling_strategy`, or the older boolean `group_by_length`)."""
+    from dataclasses import fields
+
+    if "train_sampling_strategy" in {f.name for f in fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
 class HydraTrainer(Trainer):
     """Trainer that also logs the router's balance loss (before its coefficient) next to the loss, builds a LoRA+
     optimizer (B at `loraplus_lr_ratio` x the learning rate) when asked, and projects onto the vocabulary only the
@@ -442,7 +452,7 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, report_to=[], bf16=use_bf16,
-        **checkpointing_training_args(cfg.gradient_checkpointing),
+        **checkpointing_training_args(cfg.gradient_checkpointing), **sampler_training_args(bool(cfg.group_by_length)),
         seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, use_cpu=device == "cpu",
         dataloader_num_workers=0, disable_tqdm=False,
     )
