@@ -3,6 +3,7 @@ matched trainable parameters (merged and unmerged). Runs through studies/run_stu
 
     python studies/run_study.py --out results/seed-methods/<date> --part seed-methods --workers 8
     python studies/seed_methods.py merged-eval --study results/seed-methods/<date>   # ThanoRA merged vs unmerged
+    python studies/seed_methods.py report --study results/seed-methods/<date>        # the tables (markdown)
 
 The derived training data (noisy and few-shot copies of the study mixture's training split; the test split is
 always the clean original) is written once under <out>/seed-methods-data/ by `seed_method_parts`.
@@ -28,6 +29,7 @@ from typing import Optional
 
 NOISE_FRACTION = 0.3  # share of training examples made noisy
 CHAR_RATE = 0.1  # share of a noisy prompt's characters perturbed
+NOISE_KINDS = ("char", "label")  # build_noisy's kinds
 FEW_SHOT = (16, 32, 64)  # training examples per task
 FEW_SHOT_STEPS = 60  # every method the same; 60 steps of 64 is 20 epochs of 16 per task over 12 tasks
 
@@ -106,11 +108,8 @@ def build_subset(source: Path, dest: Path, per_task: int, seed: int = 0) -> Path
 def seed_method_parts(source: Path, data_dir: Path) -> dict[str, dict[str, dict]]:
     """{'seed-methods': {config name: recipe overrides}}, writing the derived data under data_dir first."""
     configs: dict[str, dict] = {}
-    datasets = {
-        "clean": Path(source),
-        "char": build_noisy(source, data_dir / "noisy-char.jsonl", "char"),
-        "label": build_noisy(source, data_dir / "noisy-label.jsonl", "label"),
-    }
+    datasets = {"clean": Path(source),
+                **{kind: build_noisy(source, data_dir / f"noisy-{kind}.jsonl", kind) for kind in NOISE_KINDS}}
     for variant, path in datasets.items():
         for name, ov in _NOISE_METHODS.items():
             configs[f"noise-{variant}/{name}"] = {**ov, "data": str(path)}
@@ -149,13 +148,64 @@ def eval_merged(run_dir: Path, device: Optional[str] = None) -> dict:
     return record
 
 
+def report(study: Path, lr_study: Optional[Path] = None) -> str:
+    """The study's tables as markdown, from the runs' metrics.json (and eval_merged.json): test mean accuracy, mean
+    ± sample standard deviation over the seeds present, and their count. `lr_study`: the same configurations run at
+    another learning rate (`--set learning_rate=...`), shown as extra rows of the ThanoRA table."""
+    from report_quality import stat
+
+    def runs(root: Path, name: str) -> list[dict]:
+        out = []
+        for m in sorted(root.glob(f"seed-methods/{name}/seed*/metrics.json")):
+            if m.parent.name[4:].isdigit():
+                merged, config = m.parent / "eval_merged.json", m.parent / "config.json"
+                out.append({**json.loads(m.read_text()),
+                            "merged_mean": json.loads(merged.read_text())["merged_mean"] if merged.is_file() else None,
+                            "learning_rate": json.loads(config.read_text()).get("learning_rate") if config.is_file() else None})
+        return out
+
+    def cell(ms: list[dict], key=lambda m: m["adapted"]["mean_accuracy"]) -> str:
+        return f"{stat([key(m) for m in ms])} ({len(ms)})" if ms else "-"
+
+    def params(ms: list[dict]) -> str:
+        values = sorted({m["trainable_params"] for m in ms})
+        return "-" if not values else " / ".join(f"{v / 1e6:.2f} M" for v in values)
+
+    out = ["Test mean accuracy on the clean test split, mean ± sd (seeds).\n",
+           "| training data | " + " | ".join(f"{n} ({params(runs(study, f'noise-clean/{n}'))})" for n in _NOISE_METHODS) + " |",
+           "|---|" + "---|" * len(_NOISE_METHODS)]
+    for kind in ("clean",) + NOISE_KINDS:
+        out.append(f"| {kind} | " + " | ".join(cell(runs(study, f"noise-{kind}/{n}")) for n in _NOISE_METHODS) + " |")
+    out += ["", "| examples per task | " + " | ".join(_FEW_SHOT_METHODS) + " | training seconds (same order) |",
+            "|---|" + "---|" * (len(_FEW_SHOT_METHODS) + 1)]
+    for k in FEW_SHOT:
+        cols = [runs(study, f"few-{k}/{n}") for n in _FEW_SHOT_METHODS]
+        secs = " / ".join(stat([m["train_seconds"] for m in ms], 0) for ms in cols)
+        out.append(f"| {k} | " + " | ".join(cell(ms) for ms in cols) + f" | {secs} |")
+    out += ["", "| configuration | learning rate | trainable | test | merged |", "|---|---|---|---|---|"]
+    for root in [study] + ([lr_study] if lr_study else []):
+        for n in _THANORA:
+            ms = runs(root, f"thanora/{n}")
+            if ms:
+                lr = " / ".join(f"{v:g}" for v in sorted({m["learning_rate"] for m in ms if m["learning_rate"]})) or "-"
+                merged = [m for m in ms if m["merged_mean"] is not None]
+                out.append(f"| {n} | {lr} | {params(ms)} | {cell(ms)} | {cell(merged, lambda m: m['merged_mean'])} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("merged-eval", help="Score every finished ThanoRA run of a study merged (eval_merged.json).")
     p.add_argument("--study", required=True, help="The study's --out folder.")
     p.add_argument("--device")
+    p = sub.add_parser("report", help="The study's tables as markdown.")
+    p.add_argument("--study", required=True, help="The study's --out folder.")
+    p.add_argument("--lr-study", help="A --out folder of the ThanoRA configurations at another learning rate.")
     args = ap.parse_args()
+    if args.cmd == "report":
+        print(report(Path(args.study), Path(args.lr_study) if args.lr_study else None), end="")
+        return 0
     runs = sorted(Path(args.study).glob("seed-methods/thanora/thanora-*/seed*/metrics.json"))
     if not runs:
         print(f"no finished ThanoRA runs under {args.study}/seed-methods/thanora", file=sys.stderr)

@@ -361,8 +361,21 @@ def test_seed_methods_part_runs_in_the_study_at_toy_size(toy, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in (out / "seed-methods-data").iterdir()) == [
         "few-16.jsonl", "few-32.jsonl", "few-64.jsonl", "noisy-char.jsonl", "noisy-label.jsonl"]
+    run0 = out / "seed-methods" / "thanora" / "thanora-r16" / "seed0"
+    run1 = run0.parent / "seed1"  # a run kept without its adapter (as results folders keep them) cannot be merged
+    run1.mkdir()
+    for name in ("metrics.json", "config.json"):
+        (run1 / name).write_text((run0 / name).read_text())
     merged = subprocess.run([sys.executable, str(STUDIES / "seed_methods.py"), "merged-eval", "--study", str(out),
                              "--device", "cpu"], capture_output=True, text=True, env=env)
     assert merged.returncode == 0, merged.stderr[-2000:]
-    rec = json.loads((out / "seed-methods" / "thanora" / "thanora-r16" / "seed0" / "eval_merged.json").read_text())
+    assert "seed1: no adapter folder, skipped" in merged.stdout and not (run1 / "eval_merged.json").exists()
+    rec = json.loads((run0 / "eval_merged.json").read_text())
     assert rec["merged_mean"] == pytest.approx(rec["unmerged_mean"])  # a merged LoRA scores as the unmerged one
+    table = subprocess.run([sys.executable, str(STUDIES / "seed_methods.py"), "report", "--study", str(out)],
+                           capture_output=True, text=True, env=env)
+    assert table.returncode == 0, table.stderr[-2000:]
+    row = next(line for line in table.stdout.splitlines() if line.startswith("| thanora-r16 |"))
+    acc = rec["unmerged_mean"]
+    # two seeds of the same score: mean, sd 0, (2); the merged score from the one run that has it
+    assert f"| {acc:.3f} ± 0.000 (2) | {rec['merged_mean']:.3f} (1) |" in row
