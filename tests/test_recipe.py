@@ -250,16 +250,8 @@ def test_length_grouped_batches_pad_less_and_every_example_is_drawn(toy, tmp_pat
     assert grouped_pad < 0.8 * random_pad
 
 
-def test_group_by_length_follows_the_schedule_and_is_validated(toy, tmp_path):
-    from hydralora.recipes.config import apply_schedule
-
-    for schedule, expected in (("cpu", True), ("gpu", False)):
-        spec = build_spec({"schedule": schedule})
-        apply_schedule(spec.train, on_gpu=False)
-        assert spec.train.group_by_length is expected
-    spec = build_spec({"schedule": "cpu", "group_by_length": False})
-    apply_schedule(spec.train, on_gpu=False)
-    assert spec.train.group_by_length is False  # a value the user set is kept
+def test_group_by_length_is_validated_and_trains(toy, tmp_path):
+    assert build_spec({}).train.group_by_length is False  # random batches unless asked
     with pytest.raises(ValueError, match="group_by_length='yes please'"):
         build_spec({"group_by_length": "yes please"})
     metrics = run_train(toy_spec(toy, tmp_path / "grouped", max_steps=2, report=False, eval_base=False,

@@ -452,7 +452,7 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, report_to=[], bf16=use_bf16,
-        **checkpointing_training_args(cfg.gradient_checkpointing), **sampler_training_args(bool(cfg.group_by_length)),
+        **checkpointing_training_args(cfg.gradient_checkpointing), **sampler_training_args(cfg.group_by_length),
         seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, use_cpu=device == "cpu",
         dataloader_num_workers=0, disable_tqdm=False,
     )
