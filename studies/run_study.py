@@ -264,7 +264,17 @@ def main() -> int:
     args = ap.parse_args()
     extra = dict(item.split("=", 1) for item in args.set)
     if args.list:
-        list_params(extra.get("model", "smollm2"), [p for p in (args.part or PARTS) if p != "obs2"])
+        parts = [p for p in (args.part or [*PARTS, "seed-methods"]) if p != "obs2"]
+        if "seed-methods" in parts:  # its configs name derived data files: build them where they are thrown away
+            import tempfile
+
+            from seed_methods import seed_method_parts
+
+            with tempfile.TemporaryDirectory() as tmp:
+                PARTS.update(seed_method_parts(STUDY_DATA, Path(tmp)))
+                list_params(extra.get("model", "smollm2"), parts)
+        else:
+            list_params(extra.get("model", "smollm2"), parts)
         return 0
     if not args.part:
         ap.error("--part is required (or --list)")

@@ -128,6 +128,22 @@ def pick_device(name: str) -> str:
     return name
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX), where oneDNN's bf16 matrix products
+    run about twice as fast as fp32; elsewhere bf16 is emulated and no faster. torch.cpu's probes are private, so a
+    build without them counts as no."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def bf16_supported(device: str | torch.device) -> bool:
+    """bf16 autocast pays on this device: a CUDA GPU with bf16, or a CPU with native bf16 (cpu_has_native_bf16)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return dev.type == "cpu" and cpu_has_native_bf16()
+
+
 def resolve_dtype(dtype, device: str | torch.device | None) -> torch.dtype:
     """None: bfloat16 on a CUDA device that supports it, else float32."""
     if isinstance(dtype, torch.dtype):

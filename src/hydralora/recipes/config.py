@@ -30,11 +30,14 @@ ADAPTER_FIELDS = tuple(
 )
 # Per schedule: values used for the fields the user left unset (None). The CPU schedule scores the whole held-out
 # split (eval_max_per_task 0): the first rows of a task are not a sample of it, and the shared-prompt scoring of
-# multiple choice keeps the whole split within the schedule's time.
+# multiple choice keeps the whole split within the schedule's time. The CPU schedule's 200 steps assume bf16 (a CPU
+# with native bf16 runs a step in about half the fp32 time); training in fp32 it takes CPU_FP32_MAX_STEPS, the same
+# minutes.
 SCHEDULE_DEFAULTS = {
-    "cpu": {"max_steps": 110, "eval_max_per_task": 0, "per_device_batch_size": 8, "max_seq_length": 192},
+    "cpu": {"max_steps": 200, "eval_max_per_task": 0, "per_device_batch_size": 8, "max_seq_length": 192},
     "gpu": {"max_steps": 600, "eval_max_per_task": 100, "per_device_batch_size": 16, "max_seq_length": 512},
 }
+CPU_FP32_MAX_STEPS = 110
 
 
 @dataclass
@@ -61,7 +64,7 @@ class TrainConfig:
     logging_steps: int = field(default=5, metadata={"help": "Log every N steps (TensorBoard + log_history)."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume with --resume)."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
-    bf16: Union[bool, str] = field(default="auto", metadata={"help": "bf16 training: true/false/'auto' (on CUDA with bf16 support)."})
+    bf16: Union[bool, str] = field(default="auto", metadata={"help": "bf16 autocast for training (and, on a CPU, scoring): true/false/'auto' (a CUDA GPU with bf16, or a CPU with native bf16: AVX512-BF16 or AMX)."})
     response_logits_only: bool = field(default=True, metadata={"help": "Project onto the vocabulary only the positions whose next token is scored (same loss, far smaller logits); the full path where the model's forward lacks logits_to_keep."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Non-reentrant activation checkpointing."})
     use_chat_template: bool = field(default=False, metadata={"help": "Render prompts with the tokenizer's chat template."})
@@ -107,7 +110,7 @@ class RunSpec:
 # The recipe's adapter defaults: a sharper router than the library's (temperature 0.1 breaks the experts' symmetry;
 # docs/results.md), N from the corpus, every linear layer.
 DEFAULT_ADAPTER = {
-    "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "num_experts": "auto", "target_modules": "all-linear",
+    "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "num_experts": "auto", "target_modules": "all-linear",
     "balance_loss_coef": 0.0, "router_temperature": 0.1,
 }
 
@@ -263,10 +266,14 @@ def _validate_method_fields(cfg: TrainConfig) -> None:
         raise ValueError(f"meta_lora_inner_lr={lr!r} is invalid: must be a number > 0, or null.")
 
 
-def apply_schedule(cfg: TrainConfig, on_gpu: bool) -> str:
-    """Fill the fields left unset from the CPU or GPU schedule; returns the schedule used."""
+def apply_schedule(cfg: TrainConfig, on_gpu: bool, bf16: bool = True) -> str:
+    """Fill the fields left unset from the CPU or GPU schedule; returns the schedule used. ``bf16``: whether the run
+    trains in bf16 (the CPU schedule takes fewer steps in fp32, to keep its minutes)."""
     schedule = cfg.schedule if cfg.schedule != "auto" else ("gpu" if on_gpu else "cpu")
-    for key, value in SCHEDULE_DEFAULTS[schedule].items():
+    defaults = dict(SCHEDULE_DEFAULTS[schedule])
+    if schedule == "cpu" and not bf16:
+        defaults["max_steps"] = CPU_FP32_MAX_STEPS
+    for key, value in defaults.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
     return schedule

@@ -20,7 +20,7 @@ from ..data.collate import SFTCollator, SFTDataset, render_prompt
 from ..data.formats import Example, load_examples
 from .._checkpointing import checkpointing_training_args
 from .._extras import require_extra
-from ..models import pick_device
+from ..models import bf16_supported, pick_device
 from .config import RUN_FILE, RunSpec, apply_schedule
 from .methods import build_model, is_hydra, staged_training, uses_router
 from .response_logits import keep_response_logits, logits_to_keep_support
@@ -372,19 +372,38 @@ def run_train(spec: RunSpec) -> dict:
         from ..models import check_4bit_available
 
         check_4bit_available(device)  # before anything is written or loaded
-    schedule = apply_schedule(cfg, on_gpu=device == "cuda")
+    use_bf16 = training_in_bf16(cfg.bf16, device)
+    schedule = apply_schedule(cfg, on_gpu=device == "cuda", bf16=use_bf16)
     out_path = Path(cfg.output_dir) if cfg.output_dir else None
     fresh = out_path is None or not out_path.exists() or not any(out_path.iterdir())
     out = prepare_output_dir(cfg.output_dir, cfg.method, cfg.resume)
     try:
-        return _run(spec, out, device, schedule, t_start)
+        return _run(spec, out, device, schedule, use_bf16, t_start)
     except BaseException:
         if fresh:
             clean_failed_run(out)
         raise
 
 
-def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -> dict:
+def training_in_bf16(bf16: bool | str, device: str) -> bool:
+    """The run's ``bf16`` field resolved: true, false, or 'auto' = where bf16 pays (models.bf16_supported)."""
+    return bf16 is True or (bf16 == "auto" and bf16_supported(device))
+
+
+def scoring_precision(evaluate, device: str, use_bf16: bool):
+    """``evaluate`` as the run scores: on a CPU training in bf16, under the same bf16 autocast (scoring is a third
+    of the CPU schedule's minutes and bf16 halves it); elsewhere in fp32, as every recorded GPU study scored."""
+    if not (use_bf16 and device == "cpu"):
+        return evaluate
+
+    def scored_in_bf16(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return evaluate(*args, **kwargs)
+
+    return scored_in_bf16
+
+
+def _run(spec: RunSpec, out: Path, device: str, schedule: str, use_bf16: bool, t_start: float) -> dict:
     from ..eval.scoring import evaluate, format_table
     from ..models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
@@ -392,7 +411,6 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
     print(f"[hydralora] schedule: {schedule} ({'a short CPU schedule' if schedule == 'cpu' else 'the full GPU schedule'}); "
           f"method={cfg.method}, max_steps={cfg.max_steps}, batch={cfg.per_device_batch_size}, run dir {out}")
     set_seed(cfg.seed)
-    use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     tokenizer = load_tokenizer(cfg.model)  # the data is read and checked before the model is loaded
     data_path = resolve_data_path(cfg.data)
     loaded = load_examples(data_path, tokenizer=tokenizer, skip_bad_rows=cfg.skip_bad_rows)
@@ -426,10 +444,11 @@ def _run(spec: RunSpec, out: Path, device: str, schedule: str, t_start: float) -
     metrics: dict[str, Any] = {
         "method": cfg.method, "schedule": schedule, "device": device, "model": cfg.model, "data": data_path,
         "num_experts": spec.adapter.get("num_experts") if is_hydra(cfg.method) else None, "auto_n": auto_n,
-        "trainable_params": trainable, "total_params": total, "seed": cfg.seed,
+        "trainable_params": trainable, "total_params": total, "seed": cfg.seed, "bf16": use_bf16,
     }
     eval_kw = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens, "device": device,
                "use_chat_template": cfg.use_chat_template, "max_length": cfg.max_seq_length, "progress": True}
+    evaluate = scoring_precision(evaluate, device, use_bf16)
     main_process = rank() == 0
     if cfg.eval_base and main_process:
         t = time.time()
