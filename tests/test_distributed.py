@@ -25,6 +25,7 @@ def _train_args(toy, out, batch, coef=0.0):
         "--set", "max_seq_length=32", "--set", "report=false", "--set", "eval_base=false", "--set", "max_new_tokens=2",
         "--set", "learning_rate=0.01", "--set", "save_steps=100", "--set", "eval_max_per_task=2",
         "--set", f"balance_loss_coef={coef}", "--set", f"per_device_batch_size={batch}",
+        "--set", "bf16=false",  # fp32 on every CPU, so the one- and two-process sums round alike
     ]
 
 

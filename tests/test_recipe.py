@@ -18,13 +18,14 @@ def toy_spec(toy, out, **over):
     values = dict(model=str(toy / "model"), data=str(toy / "mix.jsonl"), output_dir=str(out), max_steps=6,
                   per_device_batch_size=4, max_seq_length=32, save_steps=3, logging_steps=1, eval_batch_size=8,
                   max_new_tokens=3, learning_rate=5e-3, num_experts=2, r=4, lora_alpha=8, lora_dropout=0.0,
-                  device="cpu", report=True)
+                  device="cpu", report=True, bf16=False)  # the same precision on any CPU; bf16 where a test asks
     values.update(over)
     return build_spec(values)
 
 
 def test_pipeline_writes_adapter_metrics_and_report(toy, tmp_path):
-    metrics = run_train(toy_spec(toy, tmp_path / "run", num_experts="auto", auto_n_k_max=3, balance_loss_coef=0.01))
+    metrics = run_train(toy_spec(toy, tmp_path / "run", num_experts="auto", auto_n_k_max=3, balance_loss_coef=0.01,
+                                 bf16=True))
     run = tmp_path / "run"
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json", "report.md",
                  "accuracy.png", "loss.png", "routing.png", "elbow.png", "analysis.json", "config.json"):
@@ -37,6 +38,7 @@ def test_pipeline_writes_adapter_metrics_and_report(toy, tmp_path):
     assert any("aux_loss" in h for h in saved["log_history"])
     assert list(tmp_path.glob("run/tensorboard/**/events.out.tfevents*"))
     assert metrics["routing_by_task"]["color"]
+    assert saved["bf16"] is True  # trained and scored under CPU bf16 autocast
     assert "Held-out mean accuracy" in (run / "report.md").read_text()
 
 
@@ -257,3 +259,40 @@ def test_group_by_length_is_validated_and_trains(toy, tmp_path):
     metrics = run_train(toy_spec(toy, tmp_path / "grouped", max_steps=2, report=False, eval_base=False,
                                  group_by_length=True))
     assert metrics["trainable_params"] > 0
+
+
+def test_cpu_schedule_steps_follow_the_training_precision():
+    """The CPU schedule's step count assumes bf16; an fp32 run gets the fp32 count (same minutes); a set value stays."""
+    from hydralora.recipes.config import CPU_FP32_MAX_STEPS, SCHEDULE_DEFAULTS, apply_schedule
+
+    bf16_cfg, fp32_cfg, set_cfg = TrainConfig(), TrainConfig(), TrainConfig(max_steps=7)
+    assert apply_schedule(bf16_cfg, on_gpu=False, bf16=True) == "cpu"
+    assert bf16_cfg.max_steps == SCHEDULE_DEFAULTS["cpu"]["max_steps"]
+    apply_schedule(fp32_cfg, on_gpu=False, bf16=False)
+    assert fp32_cfg.max_steps == CPU_FP32_MAX_STEPS < SCHEDULE_DEFAULTS["cpu"]["max_steps"]
+    apply_schedule(set_cfg, on_gpu=False, bf16=False)
+    assert set_cfg.max_steps == 7
+    gpu_cfg = TrainConfig()
+    assert apply_schedule(gpu_cfg, on_gpu=True, bf16=False) == "gpu"
+    assert gpu_cfg.max_steps == SCHEDULE_DEFAULTS["gpu"]["max_steps"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_on_a_cpu_follows_native_bf16(monkeypatch, native):
+    import hydralora.models as models
+    from hydralora.recipes.train import training_in_bf16
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    assert training_in_bf16("auto", "cpu") is native
+    assert training_in_bf16(True, "cpu") is True and training_in_bf16(False, "cpu") is False
+
+
+def test_cpu_bf16_runs_score_under_bf16_autocast():
+    from hydralora.recipes.train import scoring_precision
+
+    def evaluate(x):
+        return x, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    assert scoring_precision(evaluate, "cpu", use_bf16=True)(1) == (1, True, torch.bfloat16)
+    assert scoring_precision(evaluate, "cpu", use_bf16=False)(1)[1] is False
+    assert scoring_precision(evaluate, "cuda", use_bf16=True) is evaluate  # GPU runs score in fp32
