@@ -225,7 +225,7 @@ def list_params(model: str, parts: list[str]) -> None:
 
     from hydralora.models import resolve_model_path
     from hydralora.recipes.config import build_spec
-    from hydralora.recipes.methods import build_model
+    from hydralora.recipes.methods import build_model, is_hydra
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
@@ -243,7 +243,7 @@ def list_params(model: str, parts: list[str]) -> None:
             adapter.update(init_b="zeros", init_a="kaiming")  # the count does not depend on the init (meta weights)
             peft_model = build_model(copy.deepcopy(base), spec.train.method, adapter)
             trainable, _ = peft_model.get_nb_trainable_parameters()
-            n = adapter.get("num_experts") if spec.train.method != "lora" else "-"
+            n = adapter.get("num_experts") if is_hydra(spec.train.method) else "-"  # LoRA-shaped methods have none
             print(f"{part:<11} {name:<42} {spec.train.method:<10} {adapter['r']:>3} {n!s:>4} {trainable:>12,}")
 
 

@@ -90,12 +90,17 @@ def test_cli_train_eval_export(toy, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train", "--output-dir", str(out), "--max-steps", "2", "--model", str(toy / "model"), "--data",
             str(toy / "mix.jsonl"), "--set", "num_experts=2", "--set", "device=cpu", "--set", "max_seq_length=32",
-            "--set", "report=false", "--set", "eval_base=false", "--set", "max_new_tokens=3"]
+            "--set", "report=false", "--set", "eval_base=false", "--set", "max_new_tokens=3", "--set", "bf16=true"]
     assert cli_main(args) == 0
     res = tmp_path / "eval.json"
     assert cli_main(["eval", "--adapter", str(out / "adapter"), "--out", str(res), "--routing", "sequence", "--device", "cpu"]) == 0
     data = json.loads(res.read_text())
     assert set(data["per_task"]) == {"color", "animal"} and "base" in data and 0 <= data["mean"] <= 1
+    # the run scored under CPU bf16 autocast; eval, reading the run record, scores the same way and matches it
+    trained = json.loads((out / "metrics.json").read_text())["adapted"]
+    again = tmp_path / "again.json"
+    assert cli_main(["eval", "--adapter", str(out / "adapter"), "--out", str(again), "--device", "cpu", "--no-base"]) == 0
+    assert json.loads(again.read_text())["adapted"]["per_task"] == trained["per_task"]
     assert cli_main(["export", str(out / "adapter"), str(tmp_path / "lora"), "--gate", "0.5,0.5"]) == 0
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"

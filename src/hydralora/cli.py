@@ -98,9 +98,11 @@ def _run_eval(args) -> int:
     from . import hydra_layers, set_routing
     from .data.formats import load_examples
     from .eval.scoring import evaluate, format_table
-    from .recipes.train import cap_per_task, resolve_data_path, split_examples
+    from .recipes.train import cap_per_task, resolve_data_path, scoring_precision, split_examples, training_in_bf16
 
     model, tok, run, device = _load_adapter(args.adapter, args.model, args.device)
+    # score in the precision the run scored in (on a CPU, a bf16 run scores under bf16 autocast), so numbers compare
+    evaluate = scoring_precision(evaluate, device, training_in_bf16(run.get("bf16", False), device))
     use_chat = bool(run.get("use_chat_template", False))
     if args.data:
         examples = list(load_examples(args.data, tokenizer=tok))
