@@ -135,13 +135,27 @@ RECIPE_CANDIDATES = {
     "recipe-temp0.1-lr3e-3-grouped-steps140": {"learning_rate": 3e-3, "group_by_length": True, "max_steps": 140},
     **{f"recipe-temp0.1-lr3e-3-bf16-nodrop-steps{n}": {"learning_rate": 3e-3, "bf16": True, "lora_dropout": 0.0,
                                                        "max_steps": n} for n in (110, 160, 200, 240)},
+    "recipe-temp0.1-lr1e-3-bf16-nodrop-steps200": {"learning_rate": 1e-3, "bf16": True, "lora_dropout": 0.0,
+                                                   "max_steps": 200},
 }
 RECIPE_SEEDS = (0, 1, 2)
+# The default recipe's LoRA twin on the CPU schedule: the smallest LoRA rank with at least the default's trainable
+# parameters (auto-N finds N=8 on the bundled mixture: 12.35 M; LoRA r=41: 12.52 M), the same schedule (bf16, no
+# dropout, 200 steps), at three learning rates; does the default's multi-B structure beat LoRA where users run it?
+RECIPE_TWIN_RANK = 41
+RECIPE_DEFAULT = "recipe-temp0.1-lr3e-3-bf16-nodrop-steps200"
 
 
 def recipe_part() -> dict[str, dict]:
     """Candidate settings for the default recipe, at its CPU schedule (each run also scores the base model)."""
     return {name: {**RECIPE_SCHEDULE, **over} for name, over in RECIPE_CANDIDATES.items()}
+
+
+def recipe_twin_part() -> dict[str, dict]:
+    """LoRA r=RECIPE_TWIN_RANK at the default recipe's CPU schedule, lr 1e-3, 3e-3 and 1e-2."""
+    schedule = {**recipe_part()[RECIPE_DEFAULT], "method": "lora", "r": RECIPE_TWIN_RANK,
+                "lora_alpha": 2 * RECIPE_TWIN_RANK, "num_experts": 1}
+    return {f"recipe-lora-r{RECIPE_TWIN_RANK}-{lr_name(lr)}": {**schedule, "learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)}
 
 
 def select_recipe(recipe_dir: Path) -> dict:

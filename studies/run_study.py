@@ -73,6 +73,7 @@ PARTS.update({
     "mechanisms": quality.mechanism_part(),
     "auto-twin": quality.auto_twin_part(),
     "recipe": quality.recipe_part(),
+    "recipe-twin": quality.recipe_twin_part(),  # the default recipe's LoRA twin at matched parameters
     "best": quality.best_part(),  # the final comparison by name, without re-running select
     "further": quality.further_part(),  # a larger shared A at fewer experts, against its own twin
     "final": {},  # hydralora-best, lora-matched, lora-r8: chosen from `select` on validation (quality.select_configs)
@@ -83,7 +84,7 @@ PART_SEEDS = {"select": [0], "mechanisms": [1, 2], "recipe": list(quality.RECIPE
 DEPENDS = {"final": "select"}
 # the base model is scored once per study; in every recipe run (its gain over the base is the recipe's target)
 BASE_EVAL = {("main", "lora-r8", 0), ("select", "lora-r8-lr1e-3", 0)}
-BASE_EVAL_PARTS = {"recipe"}
+BASE_EVAL_PARTS = {"recipe", "recipe-twin"}
 EXTRA_ROUTINGS = ("hydralora-auto",)  # also scored under sequence and fixed-'mean' routing
 MAX_OOM_RETRIES = 3
 

@@ -83,6 +83,21 @@ def test_unwritable_output_dir_is_a_clear_error(toy, tmp_path, capsys):
     assert blocker.read_text() == "mine"
 
 
+def test_another_ranks_write_probe_does_not_make_the_output_dir_look_used(tmp_path):
+    """Ranks of a multi-process run probe the same folder at once; rank 0 must not take a peer's probe for a
+    user's file, and each rank's probe is its own (one rank's cleanup cannot break another's check)."""
+    from hydralora.recipes.train import WRITE_PROBE, prepare_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{WRITE_PROBE}-999999").write_text("")
+    assert prepare_output_dir(str(out), "hydralora", resume=False) == out
+    assert sorted(p.name for p in out.iterdir()) == [f"{WRITE_PROBE}-999999"]
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        prepare_output_dir(str(out), "hydralora", resume=False)
+
+
 # ------------------------------------------------------------------------------------------------ data splits
 def _ex(task, i):
     return Example(task=task, prompt=f"q{i}", target="a")

@@ -208,6 +208,11 @@ def test_matched_twin_ranks_hold_at_least_hydralora_parameters():
     assert quality.LORA_PARAMS_PER_RANK * (quality.MATCHED_RANK - 1) < quality.HYDRA_R8_N3_PARAMS
     auto_n10 = 15_137_280  # HydraLoRA r=8, N=10 on SmolLM2 all-linear
     assert quality.LORA_PARAMS_PER_RANK * (quality.AUTO_TWIN_RANK - 1) < auto_n10 <= quality.LORA_PARAMS_PER_RANK * quality.AUTO_TWIN_RANK
+    bundled_n8 = 12_349_440  # the default recipe: HydraLoRA r=8, N=8 (auto-N on the bundled mixture)
+    rank = quality.RECIPE_TWIN_RANK
+    assert quality.LORA_PARAMS_PER_RANK * (rank - 1) < bundled_n8 <= quality.LORA_PARAMS_PER_RANK * rank
+    for config in quality.recipe_twin_part().values():  # the default's schedule, LoRA's rank and alpha
+        assert config["r"] == rank and config["method"] == "lora" and config["max_steps"] == 200 and config["bf16"]
 
 
 def test_shipped_presets_are_the_study_named_configurations():

@@ -252,22 +252,27 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+WRITE_PROBE = ".hydralora-write-check"
+
+
 def prepare_output_dir(path: Optional[str], method: str, resume: bool) -> Path:
     if path is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("output_dir must be given when training on several processes (they must agree on it).")
         path = os.path.join("runs", f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(path)
-    if rank() == 0 and out.exists() and any(out.iterdir()) and not resume:
+    if rank() == 0 and out.exists() and any(not c.name.startswith(WRITE_PROBE) for c in out.iterdir()) and not resume:
         raise FileExistsError(
             f"output_dir {out} exists and is not empty: choose another --output-dir, or pass --resume to continue it "
             "(nothing there is overwritten otherwise)."
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".hydralora-write-check", "w") as f:
+        # one probe file per process: ranks of a multi-process run check the same folder at once
+        probe = out / f"{WRITE_PROBE}-{os.getpid()}"
+        with open(probe, "w") as f:
             f.write("")
-        (out / ".hydralora-write-check").unlink()
+        probe.unlink()
     except OSError as err:
         raise ValueError(f"output_dir {out} cannot be written ({err.strerror or err}): choose a folder you can write "
                          "to with --output-dir.") from None
