@@ -158,6 +158,14 @@ def recipe_twin_part() -> dict[str, dict]:
     return {f"recipe-lora-r{RECIPE_TWIN_RANK}-{lr_name(lr)}": {**schedule, "learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)}
 
 
+def recipe_thanora_part() -> dict[str, dict]:
+    """ThanoRA r=16 against LoRA r=16 (identical trainable parameters) at the default recipe's CPU schedule, lr
+    1e-3, 3e-3 and 1e-2: the router-free sibling against plain LoRA where users run the recipe."""
+    schedule = {**recipe_part()[RECIPE_DEFAULT], "r": 16, "lora_alpha": 32, "num_experts": 1}
+    return {f"recipe-{method}-r16-{lr_name(lr)}": {**schedule, "method": method, "learning_rate": lr}
+            for method in ("thanora", "lora") for lr in (1e-3, 3e-3, 1e-2)}
+
+
 def select_recipe(recipe_dir: Path) -> dict:
     """The recipe candidate with the best mean validation accuracy over RECIPE_SEEDS, among the candidates that
     finished every seed (a candidate with a failed seed is left out, not compared on fewer seeds):

@@ -74,6 +74,7 @@ PARTS.update({
     "auto-twin": quality.auto_twin_part(),
     "recipe": quality.recipe_part(),
     "recipe-twin": quality.recipe_twin_part(),  # the default recipe's LoRA twin at matched parameters
+    "recipe-thanora": quality.recipe_thanora_part(),  # ThanoRA against LoRA of its rank on the CPU schedule
     "best": quality.best_part(),  # the final comparison by name, without re-running select
     "further": quality.further_part(),  # a larger shared A at fewer experts, against its own twin
     "final": {},  # hydralora-best, lora-matched, lora-r8: chosen from `select` on validation (quality.select_configs)
@@ -84,7 +85,7 @@ PART_SEEDS = {"select": [0], "mechanisms": [1, 2], "recipe": list(quality.RECIPE
 DEPENDS = {"final": "select"}
 # the base model is scored once per study; in every recipe run (its gain over the base is the recipe's target)
 BASE_EVAL = {("main", "lora-r8", 0), ("select", "lora-r8-lr1e-3", 0)}
-BASE_EVAL_PARTS = {"recipe", "recipe-twin"}
+BASE_EVAL_PARTS = {"recipe", "recipe-twin", "recipe-thanora"}
 EXTRA_ROUTINGS = ("hydralora-auto",)  # also scored under sequence and fixed-'mean' routing
 MAX_OOM_RETRIES = 3
 
@@ -235,12 +236,12 @@ def list_params(model: str, parts: list[str]) -> None:
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
-    print(f"{'part':<11} {'config':<42} {'method':<10} {'r':>3} {'N':>4} {'trainable':>12}")
+    print(f"{'part':<14} {'config':<42} {'method':<10} {'r':>3} {'N':>4} {'trainable':>12}")
     for part in parts:
         configs = PARTS[part] or {"hydralora-best / lora-matched / lora-r8": {"method": "-", "r": "-"}}
         for name, ov in configs.items():
             if ov["method"] == "-":
-                print(f"{part:<11} {name:<42} (chosen from select on validation)")
+                print(f"{part:<14} {name:<42} (chosen from select on validation)")
                 continue
             spec = build_spec({**COMMON, **ov, "model": model})
             adapter = dict(spec.adapter)
@@ -250,7 +251,7 @@ def list_params(model: str, parts: list[str]) -> None:
             peft_model = build_model(copy.deepcopy(base), spec.train.method, adapter)
             trainable, _ = peft_model.get_nb_trainable_parameters()
             n = adapter.get("num_experts") if is_hydra(spec.train.method) else "-"  # LoRA-shaped methods have none
-            print(f"{part:<11} {name:<42} {spec.train.method:<10} {adapter['r']:>3} {n!s:>4} {trainable:>12,}")
+            print(f"{part:<14} {name:<42} {spec.train.method:<10} {adapter['r']:>3} {n!s:>4} {trainable:>12,}")
 
 
 def main() -> int:

@@ -213,6 +213,11 @@ def test_matched_twin_ranks_hold_at_least_hydralora_parameters():
     assert quality.LORA_PARAMS_PER_RANK * (rank - 1) < bundled_n8 <= quality.LORA_PARAMS_PER_RANK * rank
     for config in quality.recipe_twin_part().values():  # the default's schedule, LoRA's rank and alpha
         assert config["r"] == rank and config["method"] == "lora" and config["max_steps"] == 200 and config["bf16"]
+    thanora = quality.recipe_thanora_part()  # ThanoRA and LoRA of one rank differ only in the method
+    for name, config in thanora.items():
+        twin = thanora[name.replace("recipe-thanora-", "recipe-lora-")]
+        assert {k: v for k, v in config.items() if k != "method"} == {k: v for k, v in twin.items() if k != "method"}
+        assert config["max_steps"] == 200 and config["bf16"] and config["validation_per_task"] > 0
 
 
 def test_shipped_presets_are_the_study_named_configurations():
