@@ -131,13 +131,13 @@ def eval_merged(run_dir: Path, device: Optional[str] = None) -> dict:
     from hydralora.data.formats import load_examples
     from hydralora.eval.scoring import evaluate
     from hydralora.models import load_model_and_tokenizer
-    from hydralora.recipes.train import cap_per_task, split_examples
+    from hydralora.recipes.train import cap_per_task, resolve_data_path, split_examples
 
     run = json.loads((run_dir / "config.json").read_text())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base, tok = load_model_and_tokenizer(run["model"], dtype=torch.float32, device=device)
     model = peft.PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload().eval()
-    _, test = split_examples(list(load_examples(run["data"], tokenizer=tok)), int(run["seed"]))
+    _, test = split_examples(list(load_examples(resolve_data_path(run["data"]), tokenizer=tok)), int(run["seed"]))
     test = cap_per_task(test, run.get("eval_max_per_task"))
     result = evaluate(model, tok, test, batch_size=int(run.get("eval_batch_size", 16)),
                       max_new_tokens=int(run.get("max_new_tokens", 24)), device=device,
