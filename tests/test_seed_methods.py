@@ -197,6 +197,33 @@ def test_thanora_subspaces_orthogonal_at_init_and_kept_apart_by_the_regulariser(
     assert overlaps[1.0] < 0.5 * overlaps[0.0], overlaps  # ... the regulariser keeps them near-orthogonal
 
 
+def test_thanora_penalty_is_the_per_layer_mean_of_cross_task_squared_cosines(toy):
+    """The penalty stacks layers of one shape into a batch; it must equal the plain per-layer definition, in value
+    and in gradient, on a model whose LoRA layers come in several shapes."""
+    model = _thanora_model(toy)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    slices = {"a": (0, 2), "b": (2, 3), "c": (3, 6)}
+    owner = torch.tensor([0, 0, 1, 2, 2, 2])
+    cross = (owner[:, None] != owner[None, :]).float()  # (6, 6)
+
+    def cos2(M):  # (6, n): mean squared cosine over pairs of rows of different tasks
+        Mh = torch.nn.functional.normalize(M.float(), dim=-1)
+        return ((Mh @ Mh.T) ** 2 * cross).sum() / cross.sum()
+
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len({(m.lora_A["default"].weight.shape, m.lora_B["default"].weight.shape) for m in layers}) > 1
+    expected = torch.stack([cos2(m.lora_A["default"].weight) + cos2(m.lora_B["default"].weight.T) for m in layers]).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(expected, params)
+    got_value = thanora_penalty(model, slices)()
+    got = torch.autograd.grad(got_value, params)
+    torch.testing.assert_close(got_value, expected, rtol=1e-5, atol=1e-7)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
 def test_thanora_run_is_a_stock_lora_that_merges_to_the_same_model(toy, tmp_path):
     metrics = run_train(toy_spec(toy, tmp_path / "run", method="thanora", r=4, lora_alpha=8, max_steps=3,
                                  learning_rate=2e-2, report=False, eval_base=False))
