@@ -155,7 +155,7 @@ def recipe_twin_part() -> dict[str, dict]:
     """LoRA r=RECIPE_TWIN_RANK at the default recipe's CPU schedule, lr 1e-3, 3e-3 and 1e-2."""
     schedule = {**recipe_part()[RECIPE_DEFAULT], "method": "lora", "r": RECIPE_TWIN_RANK,
                 "lora_alpha": 2 * RECIPE_TWIN_RANK, "num_experts": 1}
-    return {f"recipe-lora-r{RECIPE_TWIN_RANK}-{lr_name(lr)}": {**schedule, "learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)}
+    return {f"recipe-lora-r{RECIPE_TWIN_RANK}-{lr_name(lr)}": {**schedule, "learning_rate": lr} for lr in LEARNING_RATES}
 
 
 def recipe_thanora_part() -> dict[str, dict]:
@@ -163,7 +163,7 @@ def recipe_thanora_part() -> dict[str, dict]:
     1e-3, 3e-3 and 1e-2: the router-free sibling against plain LoRA where users run the recipe."""
     schedule = {**recipe_part()[RECIPE_DEFAULT], "r": 16, "lora_alpha": 32, "num_experts": 1}
     return {f"recipe-{method}-r16-{lr_name(lr)}": {**schedule, "method": method, "learning_rate": lr}
-            for method in ("thanora", "lora") for lr in (1e-3, 3e-3, 1e-2)}
+            for method in ("thanora", "lora") for lr in LEARNING_RATES}
 
 
 def select_recipe(recipe_dir: Path) -> dict:

@@ -236,11 +236,11 @@ def test_shipped_presets_are_the_study_named_configurations():
 def test_the_default_recipe_is_the_chosen_cpu_candidate():
     """`hydralora train` with no arguments, on a CPU with native bf16, runs the recipe candidate it was chosen as."""
     sys.path.insert(0, str(STUDIES))
-    from quality import RECIPE_CANDIDATES, RECIPE_SCHEDULE
+    from quality import RECIPE_CANDIDATES, RECIPE_DEFAULT, RECIPE_SCHEDULE
 
     from hydralora.recipes.config import apply_schedule, build_spec
 
-    chosen = {**RECIPE_SCHEDULE, **RECIPE_CANDIDATES["recipe-temp0.1-lr3e-3-bf16-nodrop-steps200"]}
+    chosen = {**RECIPE_SCHEDULE, **RECIPE_CANDIDATES[RECIPE_DEFAULT]}
     spec = build_spec({})
     apply_schedule(spec.train, on_gpu=False, bf16=True)
     default = {**vars(spec.train), **spec.adapter}
