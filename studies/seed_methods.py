@@ -123,8 +123,10 @@ def seed_method_parts(source: Path, data_dir: Path) -> dict[str, dict[str, dict]
 
 
 def eval_merged(run_dir: Path, device: Optional[str] = None) -> dict:
-    """Score a ThanoRA run's adapter merged into the base weights (merge_and_unload) on the run's test examples;
-    writes run_dir/eval_merged.json next to the unmerged score in metrics.json."""
+    """Score a ThanoRA run's adapter on the run's test examples in fp32, unmerged and then merged into the base
+    weights (merge_and_unload); writes run_dir/eval_merged.json. Both are scored in one precision: the run's own
+    score (metrics.json, kept as `unmerged_mean`) may come from bf16 autocast, whose rounding alone moves a few
+    answers."""
     import peft
     import torch
 
@@ -136,14 +138,20 @@ def eval_merged(run_dir: Path, device: Optional[str] = None) -> dict:
     run = json.loads((run_dir / "config.json").read_text())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base, tok = load_model_and_tokenizer(run["model"], dtype=torch.float32, device=device)
-    model = peft.PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload().eval()
+    model = peft.PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     _, test = split_examples(list(load_examples(resolve_data_path(run["data"]), tokenizer=tok)), int(run["seed"]))
     test = cap_per_task(test, run.get("eval_max_per_task"))
-    result = evaluate(model, tok, test, batch_size=int(run.get("eval_batch_size", 16)),
-                      max_new_tokens=int(run.get("max_new_tokens", 24)), device=device,
-                      use_chat_template=bool(run.get("use_chat_template")), max_length=run.get("max_seq_length"))
+
+    def score(m) -> dict:
+        return evaluate(m, tok, test, batch_size=int(run.get("eval_batch_size", 16)),
+                        max_new_tokens=int(run.get("max_new_tokens", 24)), device=device,
+                        use_chat_template=bool(run.get("use_chat_template")), max_length=run.get("max_seq_length"))
+
+    unmerged_fp32 = score(model)
+    result = score(model.merge_and_unload().eval())
     unmerged = json.loads((run_dir / "metrics.json").read_text())["adapted"]["mean_accuracy"]
-    record = {"merged": result, "merged_mean": result["mean_accuracy"], "unmerged_mean": unmerged}
+    record = {"merged": result, "merged_mean": result["mean_accuracy"], "unmerged_mean": unmerged,
+              "unmerged_fp32": unmerged_fp32, "unmerged_fp32_mean": unmerged_fp32["mean_accuracy"]}
     (run_dir / "eval_merged.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -159,8 +167,9 @@ def report(study: Path, lr_study: Optional[Path] = None) -> str:
         for m in sorted(root.glob(f"seed-methods/{name}/seed*/metrics.json")):
             if m.parent.name[4:].isdigit():
                 merged, config = m.parent / "eval_merged.json", m.parent / "config.json"
-                out.append({**json.loads(m.read_text()),
-                            "merged_mean": json.loads(merged.read_text())["merged_mean"] if merged.is_file() else None,
+                rec = json.loads(merged.read_text()) if merged.is_file() else {}
+                out.append({**json.loads(m.read_text()), "merged_mean": rec.get("merged_mean"),
+                            "unmerged_fp32_mean": rec.get("unmerged_fp32_mean"),
                             "learning_rate": json.loads(config.read_text()).get("learning_rate") if config.is_file() else None})
         return out
 
@@ -182,14 +191,18 @@ def report(study: Path, lr_study: Optional[Path] = None) -> str:
         cols = [runs(study, f"few-{k}/{n}") for n in _FEW_SHOT_METHODS]
         secs = " / ".join(stat([m["train_seconds"] for m in ms], 0) for ms in cols)
         out.append(f"| {k} | " + " | ".join(cell(ms) for ms in cols) + f" | {secs} |")
-    out += ["", "| configuration | learning rate | trainable | test | merged |", "|---|---|---|---|---|"]
+    out += ["", "| configuration | learning rate | trainable | test | merged (fp32) | merged - unmerged, both fp32 |",
+            "|---|---|---|---|---|---|"]
     for root in [study] + ([lr_study] if lr_study else []):
         for n in _THANORA:
             ms = runs(root, f"thanora/{n}")
             if ms:
                 lr = " / ".join(f"{v:g}" for v in sorted({m["learning_rate"] for m in ms if m["learning_rate"]})) or "-"
                 merged = [m for m in ms if m["merged_mean"] is not None]
-                out.append(f"| {n} | {lr} | {params(ms)} | {cell(ms)} | {cell(merged, lambda m: m['merged_mean'])} |")
+                paired = [m for m in merged if m["unmerged_fp32_mean"] is not None]
+                diff = cell(paired, lambda m: m["merged_mean"] - m["unmerged_fp32_mean"])
+                out.append(f"| {n} | {lr} | {params(ms)} | {cell(ms)} | {cell(merged, lambda m: m['merged_mean'])} "
+                           f"| {diff} |")
     return "\n".join(out) + "\n"
 
 
@@ -217,7 +230,8 @@ def main() -> int:
             print(f"{metrics.parent}: no adapter folder, skipped", flush=True)
             continue
         rec = eval_merged(metrics.parent, args.device)
-        print(f"{metrics.parent}: unmerged {rec['unmerged_mean']:.4f}, merged {rec['merged_mean']:.4f}", flush=True)
+        print(f"{metrics.parent}: unmerged {rec['unmerged_mean']:.4f} (the run's), {rec['unmerged_fp32_mean']:.4f} "
+              f"(fp32); merged {rec['merged_mean']:.4f} (fp32)", flush=True)
     return 0
 
 

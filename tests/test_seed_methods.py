@@ -399,10 +399,11 @@ def test_seed_methods_part_runs_in_the_study_at_toy_size(toy, tmp_path):
     assert "seed1: no adapter folder, skipped" in merged.stdout and not (run1 / "eval_merged.json").exists()
     rec = json.loads((run0 / "eval_merged.json").read_text())
     assert rec["merged_mean"] == pytest.approx(rec["unmerged_mean"])  # a merged LoRA scores as the unmerged one
+    assert rec["merged"]["per_task"] == rec["unmerged_fp32"]["per_task"]  # task by task, in the same precision
     table = subprocess.run([sys.executable, str(STUDIES / "seed_methods.py"), "report", "--study", str(out)],
                            capture_output=True, text=True, env=env)
     assert table.returncode == 0, table.stderr[-2000:]
     row = next(line for line in table.stdout.splitlines() if line.startswith("| thanora-r16 |"))
     acc = rec["unmerged_mean"]
     # two seeds of the same score: mean, sd 0, (2); the merged score from the one run that has it
-    assert f"| {acc:.3f} ± 0.000 (2) | {rec['merged_mean']:.3f} (1) |" in row
+    assert f"| {acc:.3f} ± 0.000 (2) | {rec['merged_mean']:.3f} (1) | 0.000 (1) |" in row
