@@ -150,3 +150,16 @@ def test_generate_variants_take_turns(monkeypatch):
     assert all(tags == (("A",) if n == "a" else ()) for n, _, tags in calls)
     assert out["a"][:2] == pytest.approx((0.5 * 4, 1.5)) and out["b"][:2] == pytest.approx((2.0 * 4, 3.0))
     assert out["a"][2] == pytest.approx([2.0, 2.0])  # decode seconds of each repeat
+
+
+def test_thanora_init_benchmark_times_the_init_and_compares_two_inits(toy, tmp_path):
+    args = ["--model", str(toy / "model"), "--data", str(toy / "mix.jsonl"), "--r", "4", "--examples", "6",
+            "--max-length", "32", "--threads", "1"]
+    first = _run("thanora_init.py", *args, "--save-a", str(tmp_path / "a.pt"), "--json", str(tmp_path / "a.json"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _run("thanora_init.py", *args, "--compare-to", str(tmp_path / "a.pt"), "--json", str(tmp_path / "b.json"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["init_s"] > 0 and sum(a["ranks"].values()) == 4 and a["heterogeneity"] == b["heterogeneity"]
+    cmp = b["compare_to"]  # the same init twice (same seed): every block spans the same subspace
+    assert cmp["same_slices"] and cmp["blocks"] > 0 and cmp["min_cos"] > 0.9999

@@ -197,6 +197,61 @@ def test_thanora_subspaces_orthogonal_at_init_and_kept_apart_by_the_regulariser(
     assert overlaps[1.0] < 0.5 * overlaps[0.0], overlaps  # ... the regulariser keeps them near-orthogonal
 
 
+def _input_covariances(model, batches) -> dict[str, torch.Tensor]:
+    """Per LoRA layer, the uncentred covariance of its inputs over the batches' real tokens, one hook per layer."""
+    sums, counts, mask, handles = {}, {}, {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            def hook(mod, args, name=name):
+                x = args[0][mask["m"].bool()].double()  # (T', k)
+                sums[name] = sums.get(name, 0) + x.T @ x
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            handles.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad(), model.disable_adapter():
+        for b in batches:
+            mask["m"] = b["attention_mask"]
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    for h in handles:
+        h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def test_thanora_init_follows_its_definition_layer_by_layer(toy):
+    """Heterogeneity = mean over layers of effective rank / width (layers sharing an input counted each); block t of
+    every A spans the top principal directions of task t's inputs off the earlier blocks (exact eigendecomposition
+    here, against the init's iterative solver)."""
+    tok, train = _toy_parts(toy)
+    batches = _task_batches(train, tok)
+    model = _thanora_model(toy)
+    model.eval()
+    covs = {t: _input_covariances(model, batches[t]) for t in sorted(batches)}
+    het = task_heterogeneity(model, batches)
+    for t, c in covs.items():
+        eff = []
+        for cov in c.values():
+            p = torch.linalg.eigvalsh(cov).clamp_min(0)
+            p = p[p > 0] / p.sum()
+            eff.append(float(torch.exp(-(p * p.log()).sum())) / cov.shape[0])
+        assert het[t] == pytest.approx(sum(eff) / len(eff), rel=1e-4)
+    ranks = {"animal": 2, "color": 4}
+    slices = init_task_subspaces(model, batches, ranks)
+    layers = dict(hydralora.methods.thanora.lora_layers(model))
+    assert len(layers) == 6
+    for name, layer in layers.items():
+        A = layer.lora_A["default"].weight.double()  # (6, k)
+        k = A.shape[1]
+        U = torch.zeros(0, k, dtype=torch.float64)
+        for t in sorted(ranks):
+            P = torch.eye(k, dtype=torch.float64) - U.T @ U
+            _, vecs = torch.linalg.eigh(P @ covs[t][name] @ P)  # ascending
+            want = vecs[:, -ranks[t]:]  # (k, r_t)
+            lo, hi = slices[t]
+            got = torch.linalg.qr(A[lo:hi].T)[0]  # (k, r_t)
+            cos = torch.linalg.svdvals(want.T @ got)  # cosines of the principal angles
+            assert cos.min() > 0.999, (name, t, cos)
+            U = torch.cat([U, want.T], 0)
+
+
 def test_thanora_penalty_is_the_per_layer_mean_of_cross_task_squared_cosines(toy):
     """The penalty stacks layers of one shape into a batch; it must equal the plain per-layer definition, in value
     and in gradient, on a model whose LoRA layers come in several shapes."""

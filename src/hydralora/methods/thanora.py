@@ -14,6 +14,7 @@ What is ours where the paper is not specific to us:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Iterable, Mapping
 
@@ -29,38 +30,68 @@ def lora_layers(model: nn.Module, adapter_name: str = "default") -> list[tuple[s
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
 
 
+def _forward_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments that spare the inputs' forward pass work no adapted layer reads: a causal LM that takes
+    `logits_to_keep` computes its vocabulary projection for one position instead of every token."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # a forward without an introspectable signature
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
 @torch.no_grad()
 def _covariances(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], adapter_name: str) -> dict[str, torch.Tensor]:
-    """Uncentred covariance (k, k), fp32, of every LoRA layer's input over the real tokens of `batches`."""
+    """Uncentred covariance (k, k), fp32, of every LoRA layer's input over the real tokens of `batches`.
+
+    Layers that read the very same input tensor one after another (a block's q, k and v projections; gate and up)
+    get one product x^T x per batch, computed once. Where that holds on every batch their covariances are one
+    tensor object under each name, so callers can do the per-matrix work once."""
     layers = lora_layers(model, adapter_name)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, set] = {}  # layer -> the layers whose product it took, over all batches
+    state: dict = {}
     handles = []
     for name, layer in layers:
         def pre_hook(module, args, name=name):
             x = args[0]
-            mask = state.get("mask")
-            if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-                x = x[mask.bool()]  # (T', k): real tokens only
-            x = x.reshape(-1, x.shape[-1]).float()  # (T', k)
-            sums[name] = sums.get(name, 0) + x.T @ x  # (k, k)
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            last = state.get("last")
+            if last is not None and last[0] is x:  # the same input as the layer just before: its product
+                _, src, prod, n = last
+            else:
+                mask = state.get("mask")
+                xs = x
+                if mask is not None and xs.dim() == 3 and tuple(mask.shape) == tuple(xs.shape[:2]):
+                    xs = xs[mask.bool()]  # (T', k): real tokens only
+                xs = xs.reshape(-1, xs.shape[-1]).float()  # (T', k)
+                src, prod, n = name, xs.T @ xs, xs.shape[0]  # (k, k)
+                state["last"] = (x, name, prod, n)
+            sums[name] = prod.clone() if name not in sums else sums[name].add_(prod)
+            counts[name] = counts.get(name, 0) + n
+            sources.setdefault(name, set()).add(src)
         handles.append(layer.register_forward_pre_hook(pre_hook))
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
+    kwargs = _forward_kwargs(model)
     try:
         with model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-                state["mask"] = batch.get("attention_mask")
-                model(**batch)
+                state["mask"], state["last"] = batch.get("attention_mask"), None
+                model(**batch, **kwargs)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: sums[n] / max(1, counts[n]) for n in sums}
+        state.clear()
+    covs = {}
+    for name in sums:
+        (src,) = sources[name] if len(sources[name]) == 1 else (name,)
+        covs[name] = covs[src] if src != name and src in covs else sums[name].div_(max(1, counts[name]))
+    return covs
 
 
 def _effective_rank(cov: torch.Tensor) -> float:
@@ -79,7 +110,11 @@ def task_heterogeneity(model: nn.Module, task_batches: Mapping[str, list], adapt
     out = {}
     for task in sorted(task_batches):
         covs = _covariances(model, task_batches[task], adapter_name)
-        out[task] = sum(_effective_rank(c) / c.shape[0] for c in covs.values()) / max(1, len(covs))
+        ranks: dict[int, float] = {}  # one eigendecomposition per distinct matrix (layers sharing an input)
+        for c in covs.values():
+            if id(c) not in ranks:
+                ranks[id(c)] = _effective_rank(c) / c.shape[0]
+        out[task] = sum(ranks[id(c)] for c in covs.values()) / max(1, len(covs))
     return out
 
 
@@ -116,26 +151,57 @@ def init_task_subspaces(model: nn.Module, task_batches: Mapping[str, list], rank
         if k < r_total:
             raise ValueError(f"layer {name} has {k} input features, fewer than r={r_total}: ThanoRA needs r <= {k}.")
     gen = torch.Generator().manual_seed(seed)
-    basis: dict[str, torch.Tensor] = {}  # layer -> (m, k) orthonormal rows given so far
+    empty: dict[tuple, torch.Tensor] = {}
+    basis: dict[str, torch.Tensor] = {}  # layer -> (m, k) orthonormal rows given so far, fp64
     for t in tasks:
         covs = _covariances(model, task_batches[t], adapter_name)
+        done: dict[tuple[int, int], torch.Tensor] = {}  # (covariance, basis so far) objects -> the new basis
         for name, cov in covs.items():
             k, dev = cov.shape[0], cov.device
-            U = basis.get(name, torch.zeros(0, k, dtype=torch.float64, device=dev))  # (m, k)
-            P = torch.eye(k, dtype=torch.float64, device=dev) - U.T @ U  # (k, k): projector off the earlier blocks
-            C = P @ cov.double() @ P  # (k, k)
-            _, vecs = torch.linalg.eigh(C.float())  # ascending eigenvalues; fp32 (the QR below is fp64)
-            top = vecs[:, -ranks[t]:].flip(-1).double()  # (k, r_t)
-            # Directions with zero variance may lie anywhere in C's null space: project them off the earlier blocks
-            # again (with a tiny random tie-breaker) and orthonormalise.
-            jitter = torch.randn(k, ranks[t], generator=gen, dtype=torch.float64).to(dev) * 1e-6  # (k, r_t)
-            Q, _ = torch.linalg.qr(P @ (top + jitter))  # (k, r_t)
-            basis[name] = torch.cat([U, Q.T], 0)  # (m + r_t, k)
+            U = basis.get(name)
+            if U is None:
+                U = empty.setdefault((k, dev), torch.zeros(0, k, dtype=torch.float64, device=dev))  # (0, k)
+            key = (id(cov), id(U))  # layers sharing both their input and their earlier blocks get the same block
+            if key not in done:
+                done[key] = torch.cat([U, _next_block(cov, U, ranks[t], gen)], 0)  # (m + r_t, k)
+            basis[name] = done[key]
     for name, layer in layers.items():
         W = layer.lora_A[adapter_name].weight  # (r, k)
         W.copy_((basis[name] * _A_ROW_NORM).to(device=W.device, dtype=W.dtype))
         nn.init.zeros_(layer.lora_B[adapter_name].weight)
     return slices
+
+
+def _project_off(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """(I - U^T U) M for orthonormal rows U (m, k) and M (k, n), in O(k m n) (no (k, k) projector)."""
+    return M - U.T @ (U @ M)
+
+
+def _next_block(cov: torch.Tensor, U: torch.Tensor, n: int, gen: torch.Generator, iters: int = 8) -> torch.Tensor:
+    """The top-n principal directions (n, k), orthonormal rows, of cov (k, k) restricted to the complement of the
+    rows of U (m, k): the top eigenvectors of C = P cov P, P = I - U^T U.
+
+    Randomized subspace iteration with n + 8 columns and a Rayleigh-Ritz step (Halko, Martinsson and Tropp,
+    arXiv:0909.4061): O(k^2 (n + 8)) per iteration where a full eigendecomposition of C is O(k^3) (it took most of
+    the init on wide layers). torch.svd_lowrank computes the same but draws its start from torch's global
+    generator, which would move the training's random stream; the start here comes from `gen`. Directions with
+    zero variance (C's null space) come out as the start's projection off U, orthonormalised: any of them will do.
+    """
+    k = cov.shape[0]
+    C = cov.double()  # (k, k)
+
+    def apply(M: torch.Tensor) -> torch.Tensor:  # C M = P cov P M for M (k, q)
+        return _project_off(U, C @ _project_off(U, M))  # (k, q)
+
+    q = min(k - U.shape[0], n + 8)
+    Q = torch.randn(k, q, generator=gen, dtype=torch.float64).to(C.device)  # (k, q)
+    Q = torch.linalg.qr(_project_off(U, Q))[0]  # (k, q)
+    for _ in range(iters):
+        Q = torch.linalg.qr(apply(Q))[0]  # (k, q)
+    _, vecs = torch.linalg.eigh(Q.T @ apply(Q))  # (q, q), ascending
+    top = Q @ vecs[:, -n:].flip(-1)  # (k, n)
+    # against round-off and C's null space: project off U again and orthonormalise
+    return torch.linalg.qr(_project_off(U, top))[0].T  # (n, k)
 
 
 def _cross_mask(slices: Mapping[str, tuple[int, int]], r: int, device) -> torch.Tensor:
