@@ -361,6 +361,26 @@ def test_aux_loss_is_added_once_even_with_gradient_checkpointing(kind):
             torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind,top_k", [("switch", None), ("switch", 2), ("cv2", None)])
+def test_masked_balance_loss_equals_the_loss_over_the_real_tokens_alone(kind, top_k):
+    """The real-token mask weighs the sums (no boolean indexing, which waits for the device): value and gradient
+    equal the loss of the real tokens' rows; no real token at all gives 0."""
+    from hydralora.tuner.layer import balance_loss
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 4, generator=gen, requires_grad=True)
+    mask = torch.rand(40, generator=gen) < 0.6  # (T,)
+    got = balance_loss(logits.softmax(-1), kind, top_k, mask.long())
+    (g_got,) = torch.autograd.grad(got, logits)
+    want = balance_loss(logits.softmax(-1)[mask], kind, top_k)
+    (g_want,) = torch.autograd.grad(want, logits)
+    assert got.item() > 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+    none = balance_loss(logits.softmax(-1), kind, top_k, torch.zeros(40))
+    assert none.item() == 0.0
+
+
 def test_expert_usage_statistics():
     _, model = build("llama")
     hydralora.expert_usage(model, reset=True)

@@ -37,24 +37,33 @@ MERGE_INTO_QUANTIZED = (
 )
 
 
-def balance_loss(probs: torch.Tensor, kind: BalanceLoss, top_k: Optional[int] = None) -> torch.Tensor:
-    """Load-balancing loss of router probabilities `probs` (T, N), fp32.
+def balance_loss(probs: torch.Tensor, kind: BalanceLoss, top_k: Optional[int] = None,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Load-balancing loss of router probabilities `probs` (T, N), fp32, over the tokens whose `weights` (T,) are 1
+    (a 0/1 real-token mask, any dtype; None: every token).
 
     'switch': N * sum_i f_i P_i (Switch Transformer), f_i = share of tokens dispatched to expert i (its top-k),
     P_i = mean router probability. 'cv2': squared coefficient of variation of the experts' importance
-    (sum of gate weights), the form in the authors' repository.
+    (sum of gate weights), the form in the authors' repository. The mask weighs the sums instead of selecting
+    rows: boolean indexing would wait for the device (a sync per adapted layer and step).
     """
     n = probs.shape[-1]
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
+    w = None if weights is None else weights.reshape(-1, 1).to(probs.dtype)  # (T, 1)
+
+    def total(t: torch.Tensor) -> torch.Tensor:  # (T, N) -> (N,): summed over the counted tokens
+        return t.sum(0) if w is None else (t * w).sum(0)
+
     if kind == "switch":
         k = top_k or 1
+        count = probs.shape[0] if w is None else w.sum().clamp_min(1.0)  # () counted tokens (none: the sums are 0)
         chosen = probs.topk(k, dim=-1).indices  # (T, k)
         dispatch = torch.zeros_like(probs).scatter_(-1, chosen, 1.0 / k)  # (T, N)
-        f = dispatch.mean(0)  # (N,)
-        p = probs.mean(0)  # (N,)
+        f = total(dispatch) / count  # (N,)
+        p = total(probs) / count  # (N,)
         return n * (f * p).sum()
-    importance = probs.sum(0)  # (N,)
+    importance = total(probs)  # (N,)
     if n == 1:
         return importance.sum() * 0.0
     return importance.var() / (importance.mean() ** 2 + 1e-10)
@@ -357,10 +366,8 @@ class HydraLoraLayer(BaseTunerLayer):
             if cfg.balance_loss_coef > 0:
                 n = gate.shape[-1]
                 mask = self._mask_for(x)
-                probs = self._token_probs(adapter_name, logits).reshape(-1, n)  # (T', N)
-                if mask is not None:
-                    probs = probs[mask.reshape(-1).bool()]
-                aux = balance_loss(probs, cfg.balance_loss, cfg.top_k)
+                probs = self._token_probs(adapter_name, logits).reshape(-1, n)  # (T, N)
+                aux = balance_loss(probs, cfg.balance_loss, cfg.top_k, mask)
             if cfg.route_target_coef > 0 and self._route_labels is not None and x.dim() == 3:
                 route = self._route_target_loss(adapter_name, logits, x)
         if not self._recording:
@@ -381,7 +388,7 @@ class HydraLoraLayer(BaseTunerLayer):
         mask = self._mask_for(x)
         w = torch.ones(b, t, device=probs.device, dtype=probs.dtype) if mask is None else mask.to(probs.dtype)  # (B, T)
         seq = (probs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, N)
-        labels = labels.to(seq.device)  # the model hook passes labels only where at least one is >= 0
+        labels = labels.to(seq.device)  # on it already (the model hook moves them), unless the model spans devices
         return F.nll_loss(seq.clamp_min(1e-9).log(), labels, ignore_index=-1)  # ()
 
     def expert_ortho_penalty(self, adapter_name: str) -> torch.Tensor:

@@ -125,6 +125,9 @@ class HydraLoraModel(BaseTuner):
         seq_len = ids.shape[1] if ids is not None and ids.dim() == 2 else (
             embeds.shape[1] if embeds is not None and embeds.dim() == 3 else None
         )
+        src = ids if ids is not None else embeds
+        if route_labels is not None and src is not None:
+            route_labels = route_labels.to(src.device)  # once here, not a host-to-device copy per layer
         token_mask = None
         if torch.is_tensor(mask) and mask.dim() == 2 and seq_len is not None and mask.shape[1] >= seq_len:
             token_mask = mask[:, -seq_len:].bool()  # (B, T): align with this call's tokens (decode steps)
