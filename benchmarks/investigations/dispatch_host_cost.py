@@ -4,6 +4,11 @@ forward + backward). Every check runs as on the GPU (x reports is_cuda, Triton "
 replaces the kernels, tiny features make the compute negligible: what is left is the Python a fast GPU waits on.
 
     python benchmarks/investigations/dispatch_host_cost.py [--features 16] [--profile tottime] [--json OUT]
+    python benchmarks/investigations/dispatch_host_cost.py --stub-kernels   # kernels as output allocations only
+
+--stub-kernels replaces the two kernels' PyTorch reference (about 15 small ops each) by allocating their outputs,
+which is the host side of a GPU launch less Triton's launcher; train calls are then also timed as forward and
+backward apart.
     PYTHONPATH=<another checkout's src> python ...   # the same for older code (fused.py before the ops split too)
 """
 
@@ -26,6 +31,7 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--features", type=int, default=16)
 ap.add_argument("--profile", default=None, help="also print ours' cProfile table sorted by this key")
 ap.add_argument("--json", default=None)
+ap.add_argument("--stub-kernels", action="store_true", help="the kernels as output allocations (see above)")
 args = ap.parse_args()
 torch.set_num_threads(1)
 F.HAS_TRITON = True
@@ -41,6 +47,19 @@ except ImportError:  # one fused.py
     F._use_triton = lambda x, backend: False
     layout = "fused.py"
 d = args.features
+if args.stub_kernels:
+    from hydralora.ops import reference
+
+    def _proj(x2, A, G, *rest, **kw):  # the projection kernel's outputs: z, h, gate, raw logits
+        T, N, R = x2.shape[0], G.shape[0], A.shape[0]
+        return (torch.empty(T, N * R, dtype=x2.dtype), torch.empty(T, R), torch.empty(T, N), torch.empty(T, N))
+
+    def _bwd_x(x2, dz, h, gate, gl, A, G, *rest):  # the backward kernel's outputs and its one reduction
+        N, R = G.shape[0], A.shape[0]
+        dAG = torch.empty(2, R + N, x2.shape[1]).sum(0).to(A.dtype)  # (R + N, K), as launch.bwd_x reduces
+        return torch.empty_like(x2), dAG[:R], dAG[R:]
+
+    reference.proj, reference.bwd_x = _proj, _bwd_x
 
 
 def make(kind, train):
@@ -98,6 +117,25 @@ for mode in ("decode", "train"):
         old = res.get(key)
         res[key] = {"us": min(us, old["us"]) if old else us, "python_calls": calls}
     res[f"{mode} ours/peft us"] = round(res[f"{mode} ours"]["us"] / res[f"{mode} peft"]["us"], 2)
+if args.stub_kernels:  # the train call's forward and backward apart, in turns, best of three rounds
+    for _ in range(3):
+        for kind in ("peft", "ours"):
+            layer = make(kind, True)
+            x = torch.randn(1, 8, d, dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn(1, 8, d, dtype=torch.bfloat16)
+            for _ in range(200):
+                layer(x).backward(dy)
+            fwd = bwd = 0.0
+            for _ in range(1000):
+                t0 = time.perf_counter()
+                y = layer(x)
+                t1 = time.perf_counter()
+                y.backward(dy)
+                fwd, bwd = fwd + t1 - t0, bwd + time.perf_counter() - t1
+            key = f"train {kind} forward / backward us"
+            old = res.get(key, [1e9, 1e9])
+            res[key] = [round(min(old[0], fwd * 1e3), 1), round(min(old[1], bwd * 1e3), 1)]
+res["stub_kernels"] = args.stub_kernels
 print(json.dumps(res, indent=1))
 if args.json:
     with open(args.json, "w") as f:
