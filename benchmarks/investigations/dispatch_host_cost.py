@@ -5,11 +5,11 @@ replaces the kernels, tiny features make the compute negligible: what is left is
 
     python benchmarks/investigations/dispatch_host_cost.py [--features 16] [--profile tottime] [--json OUT]
     python benchmarks/investigations/dispatch_host_cost.py --stub-kernels   # kernels as output allocations only
+    PYTHONPATH=<another checkout's src> python ...   # the same for older code (fused.py before the ops split too)
 
 --stub-kernels replaces the two kernels' PyTorch reference (about 15 small ops each) by allocating their outputs,
 which is the host side of a GPU launch less Triton's launcher; train calls are then also timed as forward and
 backward apart.
-    PYTHONPATH=<another checkout's src> python ...   # the same for older code (fused.py before the ops split too)
 """
 
 import argparse
