@@ -785,6 +785,43 @@ def test_cached_launch_calls_the_launcher_unless_a_launch_hook_is_set(hooked, mo
         assert k.launched == [(4, 2, 1, 1000, "fn-handle", (4, 1, 0), None, None, None, x.data_ptr(), 64, 32, 16)] * 2
 
 
+def test_site_launch_keeps_the_direct_launch_for_aligned_pointers_only(monkeypatch):
+    """A call site's short key keeps the direct launch of the kernel the full key selected, once every pointer is
+    16-byte aligned; _site_launch then calls the launcher with the site's flat arguments and the config's constexprs.
+    It declines (the full path runs) with no entry, a launch hook set, or a launcher that fails (then it forgets every
+    entry)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
+    for name, value in [("_COMPILED", {}), ("_SITES", {}), ("_DIRECT", {"ok": True}),
+                        ("_raw_stream", lambda device: 1000 + (device or 0))]:
+        monkeypatch.setattr(launch, name, value)
+    hooks = _Hooks([])
+    runtime = type("rt", (), {"launch_enter_hook": hooks, "launch_exit_hook": _Hooks([])})()
+    monkeypatch.setattr(launch, "_knobs", type("knobs", (), {"runtime": runtime})())
+    k = _FakeKernel(launcher=True)
+    grid = lambda META: (64 // META["BT"],)  # noqa: E731
+    x = torch.zeros(64)
+    launch.launch(k, grid, (x[1:], 64, 32), {}, {"BT": 16}, (32,), ("unaligned",))
+    launch.launch(k, grid, (x[1:], 64, 32), {}, {"BT": 16}, (32,), ("unaligned",))  # a cached full-key launch
+    assert "unaligned" not in {s[0] for s in launch._SITES}
+    assert not launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32))  # nothing kept yet
+    launch.launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,), ("aligned",))
+    assert list(launch._SITES) == [("aligned",)] and launch._SITES[("aligned",)][3]["BT"] == 16
+    before = len(k.tuned)
+    assert launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32))
+    assert len(k.tuned) == before
+    assert k.launched[-1] == (4, 1, 1, 1000, "fn-handle", (4, 1, 0), None, None, None, x.data_ptr(), 64, 32, 16)
+    hooks.calls = [print]  # a profiler's hook: Triton's runner must call it
+    assert not launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32))
+    hooks.calls = []
+
+    def broken(*a):
+        raise TypeError("launcher signature changed")
+
+    launch._SITES[("aligned",)] = (broken, *launch._SITES[("aligned",)][1:])
+    assert not launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32)) and not launch._SITES
+
+
 def test_hooks_idle_reads_triton_launch_hooks(monkeypatch):
     """hooks_idle: empty hook chains or None are idle; a registered hook or a plain callable (older Triton) is not;
     without Triton's knobs the runner is used."""
@@ -843,6 +880,7 @@ def test_cached_launch_computes_what_the_first_launch_computed(monkeypatch):
     monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
     T, K, d, R, N = 256, 128, 96, 8, 3
     launch._COMPILED.clear()
+    launch._SITES.clear()
     for i, offset in enumerate([0, 0, 0, 3]):  # offset: bf16 elements before x's first (3 -> 6 bytes off)
         g = torch.Generator().manual_seed(i)
         x = torch.randn(T * K + offset, generator=g).to("cuda", torch.bfloat16)[offset:].view(T, K)
