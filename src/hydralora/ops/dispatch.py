@@ -63,7 +63,6 @@ class FusedPlan(NamedTuple):
     dtype: torch.dtype  # the GEMMs' dtype
     cast: bool  # some operand is in another dtype (autocast): cast to `dtype` per call (the weights change)
     consts: OpConsts
-    n: int  # experts
     weight_dtypes: tuple  # (A, W_g, B) dtypes the plan was made for: a plan is stale once they differ
 
 
@@ -108,7 +107,7 @@ def plan_fused(
                 return None
     cast = any(t.dtype != dt for t in operands)
     consts = op_consts(scaling, temperature, dropout_p, training, fused.use_triton(x, dt, "auto"))
-    return FusedPlan(name, A, W_g, B, base, dt, cast, consts, W_g.shape[0], (A.dtype, W_g.dtype, B.dtype))
+    return FusedPlan(name, A, W_g, B, base, dt, cast, consts, (A.dtype, W_g.dtype, B.dtype))
 
 
 def base_hooked(plan: FusedPlan) -> bool:
@@ -128,7 +127,8 @@ def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = 
     """The planned op for x (..., K): base(x) (a plan with a base) or result (..., d), plus the adapter's update.
     usage / token_weights: as hydra_delta_fused's (the caller keeps the accumulator, so it is not re-checked here);
     B_flat: B's (d, N*R) matrix kept by the caller for calls without an autograd graph. Returns (out (..., d), raw
-    logits (..., N) fp32, gate (..., N) fp32)."""
+    logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over x's T = prod(leading dims) tokens
+    (the layer's statistics and losses read them flat; two views per call cost host time)."""
     A, W_g, B, base = plan.A, plan.W_g, plan.B, plan.base
     W0 = bias = None
     if base is not None:
@@ -149,7 +149,4 @@ def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = 
         token_weights = fused.token_weights_2d(token_weights, x)  # (T,)
     out, raw, gate = fused_apply(x2, res2, W0, bias, A, W_g, B, plan.consts, usage, token_weights,
                                  B_flat)  # (T, d), (T, N), (T, N)
-    if x.dim() == 2:
-        return out, raw, gate
-    lead = x.shape[:-1]
-    return out.view(*lead, out.shape[-1]), raw.view(*lead, plan.n), gate.view(*lead, plan.n)
+    return (out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])), raw, gate

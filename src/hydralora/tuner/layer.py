@@ -526,7 +526,7 @@ class HydraLoraLayer(BaseTunerLayer):
         if not torch.is_grad_enabled():
             B = plan.B
             B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
-        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat)  # (..., d), (..., N), (..., N)
+        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat)  # (..., d), (T, N), (T, N)
         self._record(name, logits, gate, x, counted=usage is not None)
         return out
 
