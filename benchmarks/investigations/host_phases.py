@@ -1,8 +1,8 @@
 """Where the host's time goes on a GPU machine, per adapted layer call: the host microseconds of single ops (a cuBLAS
 GEMM, the fused op's two Triton launches, allocations, the dropout seed), of each phase of a trainer step through
 the PeftModel (forward, backward, AdamW, zero_grad) and of a decode call, for the frozen base, PEFT LoRA r=8 and
-HydraLoRA; the kernels each launches; torch.profiler's host-side op table; and the synchronizing calls a train
-step makes (torch.cuda.set_sync_debug_mode).
+HydraLoRA; the kernels each launches; torch.profiler's host-side op table; cProfile's table of the Python functions
+the host spends its time in; and the synchronizing calls a train step makes (torch.cuda.set_sync_debug_mode).
 
     python benchmarks/investigations/host_phases.py --json OUT.json          # CUDA; about 1 minute
     python benchmarks/investigations/host_phases.py --device cpu             # checks the script runs
@@ -18,6 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # _common, bench_layer
 
+import cProfile
+import io
+import pstats
 import time
 import traceback
 import warnings
@@ -119,6 +122,9 @@ def phases(variant: str, T: int, K: int, dev: str, dt, args, n: int) -> dict:
         res = now if res is None else {k: min(res[k], now[k]) for k in now}
     out = {k: round(v, 1) for k, v in res.items()}
     out["train step"] = round(sum(res.values()), 1)
+    if variant != "base":  # the tuner layer's own forward, without the PeftModel and its hooks around it
+        layer = net.base_model.model.proj
+        out["tuner layer forward (grad)"] = best(lambda: layer(x), n, dev)
     kernels = count_kernels(lambda: step(False), dev)
     if kernels is not None:
         out["kernels per train step"] = kernels
@@ -156,6 +162,38 @@ def host_table(variant: str, T: int, K: int, dev: str, dt, args, rows: int) -> s
             net(x).backward(dy)
         C.sync(dev)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def python_profile(variant: str, T: int, K: int, dev: str, dt, args, rows: int) -> str:
+    """cProfile's table (by own time) of 300 training calls (forward, backward) and 300 decode calls through the
+    variant's PeftModel: which Python functions the host spends its time in (cProfile's own overhead inflates
+    every call about alike)."""
+    net, _ = build(variant, K, K, dev, dt, args)
+    net.train()
+    x = torch.randn(T, K, device=dev, dtype=dt, requires_grad=True)
+    dy = torch.randn(T, K, device=dev, dtype=dt)
+    x1 = torch.randn(1, K, device=dev, dtype=dt)
+    for _ in range(20):
+        net(x).backward(dy)
+    C.sync(dev)
+    out = []
+    for mode in ("train", "decode"):
+        if mode == "decode":
+            net.eval()
+        pr = cProfile.Profile()
+        with torch.no_grad() if mode == "decode" else torch.enable_grad():
+            pr.enable()
+            for _ in range(300):
+                if mode == "train":
+                    net(x).backward(dy)
+                else:
+                    net(x1)
+            pr.disable()
+        C.sync(dev)
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
+        out.append(f"-- {mode}, 300 calls\n" + buf.getvalue().split("ncalls", 1)[-1])
+    return "\n".join(out)
 
 
 def sync_points(variant: str, dev: str, dt, args) -> list:
@@ -233,6 +271,9 @@ def main():
                                                for v in ("peft r8", "ours")}
     for v, t in res["profiler, forward + backward x20"].items():
         print(f"== {v}\n{t}", flush=True)
+    res["cProfile, own time"] = {v: python_profile(v, T, K, dev, dt, args, args.rows) for v in ("peft r8", "ours")}
+    for v, t in res["cProfile, own time"].items():
+        print(f"== cProfile {v}\n{t}", flush=True)
     res["sync points, one all-linear train step"] = {v: sync_points(v, dev, dt, args) for v in ("peft r8", "ours")}
     print({v: len(s) for v, s in res["sync points, one all-linear train step"].items()},
           res["sync points, one all-linear train step"], flush=True)
