@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -106,11 +107,12 @@ def _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts):
     if res2 is None:
         # Base GEMM owned here: delta first (a 1-D bias rides in its epilogue), then the base GEMM adds into it
         # in place (beta = 1; out of place, torch.addmm would first copy the delta into a new output).
-        out = (z @ Bf.t() if bias is None else torch.addmm(bias, z, Bf.t())).addmm_(x2, W0.t())  # (T, d)
+        # (F.linear: the transposes stay inside one ATen call, no Python call per transposed view)
+        out = F.linear(z, Bf, bias).addmm_(x2, W0.t())  # (T, d)
     elif res2.dtype == z.dtype and res2.is_contiguous():
         out = torch.addmm(res2, z, Bf.t())  # (T, d): residual add fused into the GEMM epilogue
     else:
-        out = res2 + (z @ Bf.t()).to(res2.dtype)  # (T, d)
+        out = res2 + F.linear(z, Bf).to(res2.dtype)  # (T, d)
     return out, raw, gate, seed, z, h
 
 
