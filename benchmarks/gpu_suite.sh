@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md in one command, about 6 minutes on one H200:
+# The GPU measurements of docs/performance.md in one command, 3-6 minutes on one H100 or H200:
 #   bash benchmarks/gpu_suite.sh [OUTDIR]          (default: $OUT)
 # The fused op's GPU tests (pytest -m gpu, kernels without autotuning), then, each under a time limit and writing
 # JSON as it goes: the layer step, the LLaMA-7B-shaped train step and decode; a failing or cut step does not stop
