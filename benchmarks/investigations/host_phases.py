@@ -2,7 +2,8 @@
 GEMM, the fused op's two Triton launches, allocations, the dropout seed), of each phase of a trainer step through
 the PeftModel (forward, backward, AdamW, zero_grad) and of a decode call, for the frozen base, PEFT LoRA r=8 and
 HydraLoRA; the kernels each launches; torch.profiler's host-side op table; cProfile's table of the Python functions
-the host spends its time in; and the synchronizing calls a train step makes (torch.cuda.set_sync_debug_mode).
+the host spends its time in, per layer call and in a greedy generate (host ms per new token beside it); and the
+synchronizing calls a train step makes (torch.cuda.set_sync_debug_mode).
 
     python benchmarks/investigations/host_phases.py --json OUT.json          # CUDA; about 1 minute
     python benchmarks/investigations/host_phases.py --device cpu             # checks the script runs
@@ -196,6 +197,39 @@ def python_profile(variant: str, T: int, K: int, dev: str, dt, args, rows: int) 
     return "\n".join(out)
 
 
+def generate_profile(dev: str, dt, args, rows: int) -> dict:
+    """Greedy generation as bench_generate.py runs it (q_proj and v_proj adapted, batch 1, a 32-token prompt) for
+    PEFT LoRA r=8 and HydraLoRA with token routing: host ms per new token (generate of 33 tokens less generate of 1,
+    over 32) and cProfile's own-time table of one generate of 33 tokens, where a decode step's host time goes."""
+    from bench_generate import build_variants, gen_kwargs
+
+    name = "llama7b-8l" if dev == "cuda" else "smollm2-135m"
+    nets = build_variants(name, ["peft", "token"], dev, dt, args)
+    ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(dev)
+    out = {"model": name}
+    for key, (model, ctx) in nets.items():
+        with ctx(), torch.inference_mode():
+            def gen(n):
+                model.generate(ids, **gen_kwargs(ids, n))
+                C.sync(dev)
+
+            gen(33)
+            secs = {}
+            for n in (1, 33):
+                t = time.perf_counter()
+                gen(n)
+                secs[n] = time.perf_counter() - t
+            pr = cProfile.Profile()
+            pr.enable()
+            gen(33)
+            pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
+        out[key] = {"host ms per new token": round((secs[33] - secs[1]) / 32 * 1e3, 3),
+                    "cProfile": buf.getvalue().split("ncalls", 1)[-1]}
+    return out
+
+
 def sync_points(variant: str, dev: str, dt, args) -> list:
     """The synchronizing CUDA calls of one trainer step of a small LLaMA (all-linear) through the variant, each with
     the innermost frames of the project's and PEFT's code that made it."""
@@ -274,6 +308,10 @@ def main():
     res["cProfile, own time"] = {v: python_profile(v, T, K, dev, dt, args, args.rows) for v in ("peft r8", "ours")}
     for v, t in res["cProfile, own time"].items():
         print(f"== cProfile {v}\n{t}", flush=True)
+    res["generate, batch 1"] = generate_profile(dev, dt, args, args.rows)
+    for key in ("peft", "token"):
+        g = res["generate, batch 1"][key]
+        print(f"== generate {key}: {g['host ms per new token']} ms per new token\n{g['cProfile']}", flush=True)
     res["sync points, one all-linear train step"] = {v: sync_points(v, dev, dt, args) for v in ("peft r8", "ours")}
     print({v: len(s) for v, s in res["sync points, one all-linear train step"].items()},
           res["sync points, one all-linear train step"], flush=True)
