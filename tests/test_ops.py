@@ -788,8 +788,8 @@ def test_cached_launch_calls_the_launcher_unless_a_launch_hook_is_set(hooked, mo
 def test_site_launch_keeps_the_direct_launch_for_aligned_pointers_only(monkeypatch):
     """A call site's short key keeps the direct launch of the kernel the full key selected, once every pointer is
     16-byte aligned; _site_launch then calls the launcher with the site's flat arguments and the config's constexprs.
-    It declines (the full path runs) with no entry, a launch hook set, or a launcher that fails (then it forgets every
-    entry)."""
+    It declines (the full path runs) with a pointer off 16-byte alignment, a launch hook set, or a launcher that fails
+    (then it forgets every entry)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
     for name, value in [("_COMPILED", {}), ("_SITES", {}), ("_DIRECT", {"ok": True}),
@@ -804,22 +804,23 @@ def test_site_launch_keeps_the_direct_launch_for_aligned_pointers_only(monkeypat
     launch.launch(k, grid, (x[1:], 64, 32), {}, {"BT": 16}, (32,), ("unaligned",))
     launch.launch(k, grid, (x[1:], 64, 32), {}, {"BT": 16}, (32,), ("unaligned",))  # a cached full-key launch
     assert "unaligned" not in {s[0] for s in launch._SITES}
-    assert not launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32))  # nothing kept yet
     launch.launch(k, grid, (x, 64, 32), {}, {"BT": 16}, (32,), ("aligned",))
     assert list(launch._SITES) == [("aligned",)] and launch._SITES[("aligned",)][3]["BT"] == 16
+    hit, ptrs = launch._SITES[("aligned",)], (x.data_ptr(),)
     before = len(k.tuned)
-    assert launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32))
+    assert launch._site_launch(hit, 4, 1, 0, ptrs, (x.data_ptr(), 64, 32))
     assert len(k.tuned) == before
     assert k.launched[-1] == (4, 1, 1, 1000, "fn-handle", (4, 1, 0), None, None, None, x.data_ptr(), 64, 32, 16)
+    assert not launch._site_launch(hit, 4, 1, 0, (x[1:].data_ptr(),), (x[1:].data_ptr(), 64, 32))  # 4 bytes off
     hooks.calls = [print]  # a profiler's hook: Triton's runner must call it
-    assert not launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32))
+    assert not launch._site_launch(hit, 4, 1, 0, ptrs, (x.data_ptr(), 64, 32))
     hooks.calls = []
 
     def broken(*a):
         raise TypeError("launcher signature changed")
 
-    launch._SITES[("aligned",)] = (broken, *launch._SITES[("aligned",)][1:])
-    assert not launch._site_launch(("aligned",), 4, 1, 0, (x.data_ptr(), 64, 32)) and not launch._SITES
+    assert not launch._site_launch((broken, *hit[1:]), 4, 1, 0, ptrs, (x.data_ptr(), 64, 32))
+    assert not launch._SITES
 
 
 def test_hooks_idle_reads_triton_launch_hooks(monkeypatch):

@@ -55,11 +55,18 @@ _DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose comp
 _SITES: dict = {}
 
 
-def _site_launch(site, grid0: int, grid1: int, dev: int, flat) -> bool:
-    """Launch the kernel kept for `site` with the flat arguments (tensors as data pointers), or return False where
-    there is none, a pointer is not 16-byte aligned or a launch hook is set (then `launch` does it)."""
-    hit = _SITES.get(site)
-    if hit is None or not hooks_idle():
+def _aligned(ptrs) -> bool:
+    """Every data pointer 16-byte aligned (what the compiled kernels kept under a site key assume)."""
+    acc = 0
+    for p in ptrs:
+        acc |= p
+    return not acc & 15
+
+
+def _site_launch(hit, grid0: int, grid1: int, dev: int, ptrs, flat) -> bool:
+    """Launch a site's kept kernel (`hit`, an _SITES entry) with the flat arguments (tensors as their data pointers
+    `ptrs`), or return False where a pointer is not 16-byte aligned or a launch hook is set (then `launch` does it)."""
+    if not _aligned(ptrs) or not hooks_idle():
         return False
     run, function, packed, meta, tail = hit
     try:
@@ -126,7 +133,7 @@ def launch(kernel, grid, args, kw, fixed_cfg, tune, site=None):
                 for i, p in zip(tens, ptrs):
                     flat[i] = p
                 run(*g, _raw_stream(dev), function, packed, None, None, None, *flat, *tail)
-                if site is not None and site not in _SITES and all(p % 16 == 0 for p in ptrs):
+                if site is not None and site not in _SITES and _aligned(ptrs):
                     _SITES[site] = (*direct, meta, tail)
             else:
                 compiled[g](*args, *tail)
@@ -146,7 +153,7 @@ def launch(kernel, grid, args, kw, fixed_cfg, tune, site=None):
         tail = tuple(meta[n] for n in kernel.fn.arg_names[len(args):])
         direct = _direct_parts(compiled)
         _COMPILED[key] = (compiled, meta, tail, direct)
-        if site is not None and direct is not None and all(p % 16 == 0 for p in ptrs):
+        if site is not None and direct is not None and _aligned(ptrs):
             _SITES[site] = (*direct, meta, tail)
 
 
@@ -202,11 +209,10 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
             usage is not None, weights is not None)
     hit = _SITES.get(site)
     if hit is not None:
-        xp, ap, gp, up, wp, sp = x2.data_ptr(), A.data_ptr(), G.data_ptr(), u.data_ptr(), w.data_ptr(), S.data_ptr()
-        if not (xp | ap | gp | up | wp | sp) & 15 and _site_launch(
-                site, cdiv(T, hit[3]["BT"]), 1, dev.index,
-                (xp, ap, gp, z.data_ptr(), h.data_ptr(), gate.data_ptr(), raw.data_ptr(), up, wp, sp, s0, s1, s2,
-                 T, K, TB, thr, inv_keep, scaling, inv_temp)):
+        ptrs = (x2.data_ptr(), A.data_ptr(), G.data_ptr(), z.data_ptr(), h.data_ptr(), gate.data_ptr(),
+                raw.data_ptr(), u.data_ptr(), w.data_ptr(), S.data_ptr())
+        if _site_launch(hit, cdiv(T, hit[3]["BT"]), 1, dev.index, ptrs,
+                        (*ptrs, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)):
             return z, h, gate, raw
     grid = lambda META: (cdiv(T, META["BT"]),)  # noqa: E731
     args = (x2, A, G, z, h, gate, raw, u, w, S, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)
@@ -238,9 +244,8 @@ def bwd_x(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dro
     if hit is not None:
         ptrs = (x2.data_ptr(), dz.data_ptr(), h.data_ptr(), gate.data_ptr(), gl_arg.data_ptr(), A.data_ptr(),
                 G.data_ptr(), dx.data_ptr(), part.data_ptr(), S.data_ptr())
-        xp, dzp, hp, gp, glp, ap, wp, dxp, pp, sp = ptrs
-        launched = not (xp | dzp | hp | gp | glp | ap | wp | dxp | pp | sp) & 15 and _site_launch(
-            site, nT, hit[3]["KSPLIT"], dev.index, (*ptrs, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp))
+        launched = _site_launch(hit, nT, hit[3]["KSPLIT"], dev.index, ptrs,
+                                (*ptrs, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp))
     if not launched:
         grid = lambda META: (nT, META["KSPLIT"])  # noqa: E731
         args = (x2, dz, h, gate, gl_arg, A, G, dx, part, S, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)
