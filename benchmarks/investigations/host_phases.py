@@ -165,6 +165,13 @@ def host_table(variant: str, T: int, K: int, dev: str, dt, args, rows: int) -> s
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def own_time_table(pr: cProfile.Profile, rows: int) -> str:
+    """cProfile's rows by own time (tottime), from its column header on."""
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
+    return buf.getvalue().split("ncalls", 1)[-1]
+
+
 def python_profile(variant: str, T: int, K: int, dev: str, dt, args, rows: int) -> str:
     """cProfile's table (by own time) of 300 training calls (forward, backward) and 300 decode calls through the
     variant's PeftModel: which Python functions the host spends its time in (cProfile's own overhead inflates
@@ -191,9 +198,7 @@ def python_profile(variant: str, T: int, K: int, dev: str, dt, args, rows: int) 
                     net(x1)
             pr.disable()
         C.sync(dev)
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
-        out.append(f"-- {mode}, 300 calls\n" + buf.getvalue().split("ncalls", 1)[-1])
+        out.append(f"-- {mode}, 300 calls\n" + own_time_table(pr, rows))
     return "\n".join(out)
 
 
@@ -223,10 +228,8 @@ def generate_profile(dev: str, dt, args, rows: int) -> dict:
             pr.enable()
             gen(33)
             pr.disable()
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
         out[key] = {"host ms per new token": round((secs[33] - secs[1]) / 32 * 1e3, 3),
-                    "cProfile": buf.getvalue().split("ncalls", 1)[-1]}
+                    "cProfile": own_time_table(pr, rows)}
     return out
 
 
