@@ -4,12 +4,12 @@ Two kernels, each one pass over x (T, K):
 
 _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two small tensor-core dots per K tile; the
     epilogue takes the softmax and writes z[t, n*R + j] = scaling * gate[t, n] * h[t, j] (the input of the stacked
-    B GEMM), h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of (seed, index of a
-    pair of neighbouring columns), 16 bits per element: never stored, regenerated in backward. The seed: two
-    scalars, or read from a device tensor S (2,) int64 (calls captured in a CUDA graph). With COUNT it also adds the
-    gate's column sums (each token weighted by W[t] with HAS_W, then also the sum of W) into the layer's usage
-    statistics U (N + 1,) fp32 by atomics: the statistics cost no extra kernels (they were two to three small
-    launches per call).
+    B GEMM) and, with STATS, h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of
+    (seed, index of a pair of neighbouring columns), 16 bits per element: never stored, regenerated in backward. The
+    seed: two scalars, or read from a device tensor S (2,) int64 (calls captured in a CUDA graph). With COUNT it
+    also adds the
+    gate's column sums and the token count (each token weighted by W[t] with HAS_W) into the layer's usage
+    statistics U (N + 1,) fp32 by atomics: the statistics cost no extra kernel and no host work per call.
 _bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward included), then per K tile writes
     dx = mask * (dh A) / (1 - p) + dlogits W_g and per-row-block partial sums of dA = dh^T (mask * x) / (1 - p)
     and dW_g = dlogits^T x into one (row blocks, R + N, K) buffer (summed over row blocks afterwards in one
@@ -65,7 +65,8 @@ def _fwd_configs():
 def _proj_fwd(
     X, A, G, Z, H, P, L, U, W, S, seed_ptr, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp,
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
-    DROPOUT: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DROPOUT: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr, STATS: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -97,17 +98,17 @@ def _proj_fwd(
     gate = e / tl.sum(e, 1)[:, None]  # [BT, NP], 0 on padded columns
     hmask = rmask[:, None] & (jr[None, :] < R)
     nmask = rmask[:, None] & (jn[None, :] < N)
-    tl.store(H + rows[:, None] * R + jr[None, :], h, mask=hmask)
-    tl.store(P + rows[:, None] * N + jn[None, :], gate, mask=nmask)
-    tl.store(L + rows[:, None] * N + jn[None, :], raw, mask=nmask)
-    if COUNT:  # usage statistics: U[:N] += sum_t w_t gate[t, :], U[N] += sum_t w_t (only with HAS_W)
+    if COUNT:  # usage statistics: U[:N] += sum_t w_t gate[t, :], U[N] += sum_t w_t (w_t = 1 without HAS_W)
         if HAS_W:
             w = tl.load(W + rows, mask=rmask, other=0).to(tl.float32)  # [BT]
         else:
             w = rmask.to(tl.float32)  # rows past T hold a uniform gate: weight 0
         tl.atomic_add(U + jn, tl.sum(gate * w[:, None], 0), mask=jn < N)
-        if HAS_W:
-            tl.atomic_add(U + N, tl.sum(w, 0))
+        tl.atomic_add(U + N, tl.sum(w, 0))
+    if STATS:  # for backward and the layer's losses; a call without an autograd graph in eval needs only z
+        tl.store(H + rows[:, None] * R + jr[None, :], h, mask=hmask)
+        tl.store(P + rows[:, None] * N + jn[None, :], gate, mask=nmask)
+        tl.store(L + rows[:, None] * N + jn[None, :], raw, mask=nmask)
     for n in tl.static_range(N):  # z[:, n*R:(n+1)*R] = scaling * gate[:, n] * h (2-D tiles: no 3-D register blocks)
         gn = tl.sum(tl.where(jn[None, :] == n, gate, 0.0), 1)  # [BT]
         zn = (gn * scaling)[:, None] * h

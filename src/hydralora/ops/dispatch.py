@@ -123,12 +123,15 @@ def base_hooked(plan: FusedPlan) -> bool:
 
 def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = None,
              usage: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
-             B_flat: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             B_flat: Optional[torch.Tensor] = None,
+             stats: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The planned op for x (..., K): base(x) (a plan with a base) or result (..., d), plus the adapter's update.
-    usage / token_weights: as hydra_delta_fused's (the caller keeps the accumulator, so it is not re-checked here);
-    B_flat: B's (d, N*R) matrix kept by the caller for calls without an autograd graph. Returns (out (..., d), raw
-    logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over x's T = prod(leading dims) tokens
-    (the layer's statistics and losses read them flat; two views per call cost host time)."""
+    usage: as hydra_delta_fused's (the caller keeps the accumulator, so it is not re-checked here); token_weights:
+    x's leading shape, on x's device (the caller matched them); B_flat: B's (d, N*R) matrix kept by the caller for
+    calls without an autograd graph; stats=False, for calls without a graph that record nothing: raw and gate come
+    back None. Returns (out (..., d), raw logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over
+    x's T = prod(leading dims) tokens (the layer's statistics and losses read them flat; two views per call cost
+    host time)."""
     A, W_g, B, base = plan.A, plan.W_g, plan.B, plan.base
     W0 = bias = None
     if base is not None:
@@ -145,8 +148,8 @@ def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = 
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     res2 = None if result is None else (result if result.dim() == 2 else result.reshape(-1, result.shape[-1]))
-    if token_weights is not None:
-        token_weights = fused.token_weights_2d(token_weights, x)  # (T,)
+    if token_weights is not None and not token_weights.is_contiguous():
+        token_weights = token_weights.contiguous()  # (..., ) read flat over T by the kernel
     out, raw, gate = fused_apply(x2, res2, W0, bias, A, W_g, B, plan.consts, usage, token_weights,
-                                 B_flat)  # (T, d), (T, N), (T, N)
+                                 B_flat, stats)  # (T, d), (T, N), (T, N)
     return (out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])), raw, gate

@@ -97,13 +97,13 @@ def op_consts(scaling: float, temperature: float, dropout_p: float, training: bo
     return OpConsts(float(scaling), 1.0 / float(temperature), dropout, thr, inv_keep, bool(triton))
 
 
-def _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts):
+def _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts, stats: bool = True):
     """(out (T, d), raw logits (T, N), gate (T, N), seed, z (T, N*R), h (T, R)) for 2-D contiguous inputs, one
-    dtype."""
+    dtype; with stats=False raw, gate and h are None (not computed into memory)."""
     seed = new_seed(x2.device) if c.dropout else None
     proj = launch.proj if c.triton else reference.proj
     z, h, gate, raw = proj(x2, A, G, seed, c.thr, c.inv_keep, c.scaling, c.inv_temp, c.dropout, usage,
-                           weights)  # (T, N*R), (T, R), (T, N), (T, N)
+                           weights, stats)  # (T, N*R), (T, R), (T, N), (T, N)
     if res2 is None:
         # Base GEMM owned here: delta first (a 1-D bias rides in its epilogue), then the base GEMM adds into it
         # in place (beta = 1; out of place, torch.addmm would first copy the delta into a new output).
@@ -161,15 +161,16 @@ class _HydraFused(torch.autograd.Function):
                 dG if dG.dtype == G.dtype else dG.to(G.dtype), dB, None, None, None)
 
 
-def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=None, Bf=None):
+def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=None, Bf=None, stats=True):
     """The op on 2-D operands, unchecked: x2 (T, K) contiguous, every GEMM operand in one dtype, A and G
     contiguous. Bf: B's flat (d, N*R) matrix kept by the caller for calls without an autograd graph, else None.
-    Returns (out (T, d), raw logits (T, N) fp32, gate (T, N) fp32)."""
+    stats=False (read only without an autograd graph): the routing outputs are not needed, None is returned for
+    them. Returns (out (T, d), raw logits (T, N) fp32, gate (T, N) fp32)."""
     if torch.is_grad_enabled():
         return _HydraFused.apply(x2, res2, W0, bias, A, G, B, usage, weights, c)
     if Bf is None:
         Bf = reference.flat_B(B)  # (d, N*R)
-    return _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c)[:3]  # no graph: no autograd Function
+    return _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c, stats)[:3]  # no graph: no autograd Function
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,8 +218,9 @@ def hydra_delta_fused(
     carry gradient (for a balance loss), the gate does not.
 
     usage: an (N + 1,) fp32 tensor on x's device to which the call adds, in place and inside the projection kernel,
-    each expert's gate weight summed over tokens (usage[:N]); with token_weights (x's leading shape: a 0/1 mask of
-    real tokens, any dtype) the tokens are weighted and their weight sum is added to usage[N].
+    each expert's gate weight summed over tokens (usage[:N]) and the number of tokens (usage[N]); with
+    token_weights (x's leading shape: a 0/1 mask of real tokens, any dtype) the tokens are weighted and their
+    weight sum is added to usage[N].
     """
     res2 = result.reshape(-1, result.shape[-1])  # (T, d)
     return _checked(x, res2, None, None, A, W_g, B, scaling, temperature, dropout_p, training, backend, usage,

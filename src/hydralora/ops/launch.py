@@ -191,32 +191,40 @@ def _seed_args(seed, device) -> tuple:
     return _placeholder(device, torch.int64), 0, s1, s2
 
 
-def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
+def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None, stats=True):
+    """(z (T, N*R), h (T, R), gate (T, N), raw logits (T, N)); with stats=False only z is written and the other
+    three are None (a call without an autograd graph whose caller records nothing: three allocations fewer)."""
     T, K = x2.shape
     N, R = G.shape[0], A.shape[0]
     RP, NP = _pads(R, N)
     dev = x2.device
     z = torch.empty(T, N * R, device=dev, dtype=x2.dtype)
-    h = torch.empty(T, R, device=dev, dtype=torch.float32)
-    gate = torch.empty(T, N, device=dev, dtype=torch.float32)
-    raw = torch.empty(T, N, device=dev, dtype=torch.float32)
     unused = _placeholder(dev, torch.float32)
+    if stats:
+        h = torch.empty(T, R, device=dev, dtype=torch.float32)
+        gate = torch.empty(T, N, device=dev, dtype=torch.float32)
+        raw = torch.empty(T, N, device=dev, dtype=torch.float32)
+        h_arg, gate_arg, raw_arg = h, gate, raw
+    else:
+        h = gate = raw = None
+        h_arg = gate_arg = raw_arg = unused
     u = unused if usage is None else usage
     w = unused if weights is None else weights
     S, s0, s1, s2 = _seed_args(seed, dev)
     TB = _tb(T)
     site = ("proj", dev.index, x2.dtype, A.dtype, G.dtype, u.dtype, w.dtype, s0, K, TB, R, N, thr, dropout,
-            usage is not None, weights is not None)
+            usage is not None, weights is not None, stats)
     hit = _SITES.get(site)
     if hit is not None:
-        ptrs = (x2.data_ptr(), A.data_ptr(), G.data_ptr(), z.data_ptr(), h.data_ptr(), gate.data_ptr(),
-                raw.data_ptr(), u.data_ptr(), w.data_ptr(), S.data_ptr())
+        ptrs = (x2.data_ptr(), A.data_ptr(), G.data_ptr(), z.data_ptr(), h_arg.data_ptr(), gate_arg.data_ptr(),
+                raw_arg.data_ptr(), u.data_ptr(), w.data_ptr(), S.data_ptr())
         if _site_launch(hit, cdiv(T, hit[3]["BT"]), 1, dev.index, ptrs,
                         (*ptrs, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)):
             return z, h, gate, raw
     grid = lambda META: (cdiv(T, META["BT"]),)  # noqa: E731
-    args = (x2, A, G, z, h, gate, raw, u, w, S, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)
-    kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None)
+    args = (x2, A, G, z, h_arg, gate_arg, raw_arg, u, w, S, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)
+    kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None,
+              STATS=stats)
     launch(_tk._proj_fwd, grid, args, kw, {"BT": 32, "BK": 128}, (K, TB), site)
     return z, h, gate, raw
 

@@ -52,20 +52,22 @@ def flat_B(B: torch.Tensor) -> torch.Tensor:
 
 
 def add_usage(sums: torch.Tensor, count: torch.Tensor, gate: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
-    """sums (N,) += sum_t w_t gate[t] and, with token weights, count () += sum_t w_t, in place: what the projection
-    kernel's COUNT does (the PyTorch backend's and the eager layer's usage statistics). gate: (T, N); weights: T
-    values of any dtype (a 0/1 mask of real tokens) or None (every token weight 1, count left alone)."""
+    """sums (N,) += sum_t w_t gate[t] and count () += sum_t w_t, in place: what the projection kernel's COUNT does
+    (the PyTorch backend's and the eager layer's usage statistics). gate: (T, N); weights: T values of any dtype
+    (a 0/1 mask of real tokens) or None (every token weight 1)."""
     if weights is None:
         sums.add_(gate.sum(0))  # (N,)
+        count.add_(gate.shape[0])  # ()
         return
     w = weights.reshape(-1, 1).to(gate.dtype)  # (T, 1)
     sums.add_((gate * w).sum(0))  # (N,)
     count.add_(w.sum())  # ()
 
 
-def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None):
+def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None, stats=True):
     """The projection kernel's function: (z (T, N*R) in x's dtype, h (T, R) fp32, gate (T, N) fp32, raw logits
-    (T, N) fp32); usage (N + 1,) fp32 gets the gate sums added in place (see add_usage)."""
+    (T, N) fp32), the last three None with stats=False; usage (N + 1,) fp32 gets the gate sums and the token count
+    added in place (see add_usage)."""
     T, K = x2.shape
     N, R = G.shape[0], A.shape[0]
     xd = x2
@@ -77,7 +79,7 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
     z = ((gate * scaling).unsqueeze(-1) * h.unsqueeze(1)).reshape(T, N * R).to(x2.dtype)  # (T, N*R)
     if usage is not None:
         add_usage(usage[:N], usage[N], gate, weights)
-    return z, h, gate, raw
+    return (z, h, gate, raw) if stats else (z, None, None, None)
 
 
 def bwd_x(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_dx):

@@ -418,14 +418,10 @@ class HydraLoraLayer(BaseTunerLayer):
 
     def _usage_target(self, adapter_name: str, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """For the fused op: (usage accumulator, token mask or None) when this call's usage is to be counted, else
-        (None, None). Unmasked calls count their tokens here (_add_tokens); the kernel adds the gate sums."""
+        (None, None). The op adds the gate sums and the token count on the device: no host work per call."""
         if not (self._recording and self.hconfig[adapter_name].track_usage):
             return None, None
-        acc = self._usage_acc_on(adapter_name, x.device)
-        mask = self._mask_for(x)
-        if mask is None:
-            self._add_tokens(adapter_name, x.numel() // x.shape[-1], x)
-        return acc, mask
+        return self._usage_acc_on(adapter_name, x.device), self._mask_for(x)
 
     def _add_tokens(self, adapter_name: str, tokens: int, x: torch.Tensor) -> None:
         """Count an unmasked call's tokens: on the host (no kernel), or on the device where a host count would go
@@ -522,12 +518,19 @@ class HydraLoraLayer(BaseTunerLayer):
         recorded (generation, eval; the eager path's entry, the same tensor), balance loss and statistics recorded."""
         name = plan.name
         usage, weights = self._usage_target(name, x)
+        grad = torch.is_grad_enabled()
         B_flat = None
-        if not torch.is_grad_enabled():
+        if not grad:
             B = plan.B
             B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
-        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat)  # (..., d), (T, N), (T, N)
-        self._record(name, logits, gate, x, counted=usage is not None)
+        # Eval without a graph (generation): no loss to record and the usage counted inside the op, so the op
+        # writes no routing outputs (logits and gate None).
+        stats = grad or self.training
+        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats)  # (..., d), (T, N), (T, N)
+        if stats:
+            self._record(name, logits, gate, x, counted=usage is not None)
+        elif self._recording:  # what _record stores in eval: no losses
+            self.last_aux_loss[name] = self.last_route_loss[name] = None
         return out
 
     def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
