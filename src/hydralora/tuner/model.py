@@ -13,7 +13,6 @@ from transformers.pytorch_utils import Conv1D
 from .config import HydraLoraConfig
 from .layer import MERGE_INTO_QUANTIZED, MERGE_UNDER_TOKEN_ROUTING, HydraLinear, HydraLoraLayer
 from .state_check import register as register_state_check
-from .state_check import register as register_state_check
 
 
 def _linear_module_names(model: nn.Module) -> list[str]:
