@@ -129,7 +129,9 @@ class HydraLoraModel(BaseTuner):
             route_labels = route_labels.to(src.device)  # once here, not a host-to-device copy per layer
         token_mask = None
         if torch.is_tensor(mask) and mask.dim() == 2 and seq_len is not None and mask.shape[1] >= seq_len:
-            token_mask = mask[:, -seq_len:].bool()  # (B, T): align with this call's tokens (decode steps)
+            # (B, T): this call's tokens (decode steps), as 0/1 weights in the mask's own dtype (no conversion kernel
+            # per step), contiguous once here: the fused kernel reads it flat in every layer
+            token_mask = mask[:, -seq_len:].contiguous()
         past = kwargs.get("past_key_values")
         if past is None:
             past = kwargs.get("cache")  # the name transformers gives the KV cache since 5.2x
@@ -137,14 +139,12 @@ class HydraLoraModel(BaseTuner):
         if past is not None:
             get_len = getattr(past, "get_seq_length", None)
             decoding = bool(get_len() > 0) if callable(get_len) else True
+        # Plain attributes, written straight into each layer's __dict__ in one update: nn.Module.__setattr__ checks
+        # parameters, buffers and submodules first, a few microseconds per write, per layer and decode step.
+        shared = {"_token_mask": token_mask, "_reuse_sequence_gate": decoding, "_recording": True,
+                  "_route_labels": route_labels}
         for _, layer in self.hydra_layers():
-            # Plain attributes, written straight into the layer's __dict__: nn.Module.__setattr__ checks parameters,
-            # buffers and submodules first, a few microseconds per write, three writes per layer and decode step.
-            state = layer.__dict__
-            state["_token_mask"] = token_mask
-            state["_reuse_sequence_gate"] = decoding
-            state["_recording"] = True
-            state["_route_labels"] = route_labels
+            layer.__dict__.update(shared)
             aux = layer.last_aux_loss
             for name in aux:
                 aux[name] = None
