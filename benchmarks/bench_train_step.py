@@ -8,7 +8,8 @@ For each of {q_proj+v_proj, all-linear} x {no checkpointing, gradient checkpoint
 of the model, built with peft.get_peft_model and a default config (LoraConfig(r=8, lora_dropout=0.05),
 HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05)); a step = forward, loss, backward, AdamW over the adapter
 parameters, zero_grad. Variants: base (frozen, backward to the embeddings), peft r8, ours (the default dispatch);
-by --variants also ours eager (HYDRALORA_FUSED=0) and authors (the authors' formulation). Peak memory: the step's
+by --variants also peft r18 (LoRA at about ours' trainable parameters), ours eager (HYDRALORA_FUSED=0) and authors
+(the authors' formulation). Peak memory: the step's
 peak over what was allocated before it, plus the variant's own weights and optimizer state (the copies of the other
 variants are resident too).
 """
@@ -22,7 +23,9 @@ import torch
 import _common as C
 from authors_formulation import apply_authors
 
-VARIANTS = ["base", "peft r8", "ours", "ours eager", "authors"]
+# "peft r18": LoRA with about HydraLoRA r=8, N=3's trainable parameters on these shapes (q+v 2.36M vs 2.29M,
+# all-linear 11.24M vs 11.29M): the matched-parameter peer, beside the r=8 peer the targets name.
+VARIANTS = ["base", "peft r8", "peft r18", "ours", "ours eager", "authors"]
 
 
 def make_model(args, dev, dt):
@@ -47,8 +50,9 @@ def attach(variant, model, targets, args):
     if variant == "base":
         model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
         return model, []
-    if variant == "peft r8":
-        pm = C.get_peft_model(model, peft.LoraConfig(r=8, lora_dropout=args.dropout, target_modules=tm,
+    if variant.startswith("peft r"):
+        r = int(variant[len("peft r"):])
+        pm = C.get_peft_model(model, peft.LoraConfig(r=r, lora_dropout=args.dropout, target_modules=tm,
                                                      task_type="CAUSAL_LM"), args)
         C.randomize_([p for n, p in pm.named_parameters() if "lora_B" in n])
         return pm, [p for p in pm.parameters() if p.requires_grad]
@@ -78,6 +82,10 @@ def summarize(rows):
         r["vs_peft"] = r["tok_s"] / lora["tok_s"]
         if r.get("peak_gib") and lora.get("peak_gib"):
             r["mem_vs_peft"] = r["peak_gib"] / lora["peak_gib"]
+        matched = next((o for o in rows if o["targets"] == r["targets"] and o["checkpointing"] == r["checkpointing"]
+                        and o["variant"] == "peft r18" and o.get("peak_gib")), None)
+        if r.get("peak_gib") and matched is not None:
+            r["mem_vs_r18"] = r["peak_gib"] / matched["peak_gib"]
         if r.get("gpu_ms") and lora.get("gpu_ms"):
             r["gpu_vs_peft"] = lora["gpu_ms"] / r["gpu_ms"]  # a speed ratio, like vs_peft
 
@@ -168,10 +176,10 @@ def main():
              f"{args.seq}, r=8, N={args.experts}, dropout {args.dropout}, {dt}, precision {args.precision}, "
              f"{info.get('gpu', info.get('cpu'))}")
     cols = [("targets", "targets", 0), ("checkpointing", "grad ckpt", 0), ("variant", "variant", 0),
-            ("step_ms", "step ms", 1), ("ktok_s", "k tok/s", 1), ("vs_peft", "x PEFT tok/s", 2)]
+            ("trainable_m", "trainable M", 2), ("step_ms", "step ms", 1), ("ktok_s", "k tok/s", 1), ("vs_peft", "x PEFT tok/s", 2)]
     if cuda:
         cols += [("gpu_ms", "GPU busy ms", 1), ("gpu_vs_peft", "GPU speed x PEFT", 2), ("peak_gib", "peak GiB", 2),
-                 ("mem_vs_peft", "mem x PEFT", 2)]
+                 ("mem_vs_peft", "mem x PEFT", 2), ("mem_vs_r18", "mem x PEFT r18", 2)]
     table = C.print_table(rows, cols, title)
     C.write_json(args.json, {"bench": "train_step", "env": info, "config": vars(args), "rows": rows, "table": table})
 
