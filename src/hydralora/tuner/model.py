@@ -129,9 +129,9 @@ class HydraLoraModel(BaseTuner):
             route_labels = route_labels.to(src.device)  # once here, not a host-to-device copy per layer
         token_mask = None
         if torch.is_tensor(mask) and mask.dim() == 2 and seq_len is not None and mask.shape[1] >= seq_len:
-            # (B, T): this call's tokens (decode steps), as 0/1 weights in the mask's own dtype (no conversion kernel
-            # per step), contiguous once here: the fused kernel reads it flat in every layer
-            token_mask = mask[:, -seq_len:].contiguous()
+            # (B, T): this call's tokens (decode steps). A new tensor, once here: the fused kernel reads it flat in
+            # every layer, and a slice of the mask could start off a 16-byte boundary (a slower launch per call).
+            token_mask = mask[:, -seq_len:].bool().contiguous()
         past = kwargs.get("past_key_values")
         if past is None:
             past = kwargs.get("cache")  # the name transformers gives the KV cache since 5.2x
