@@ -23,7 +23,6 @@ import cProfile
 import io
 import pstats
 import time
-import traceback
 import warnings
 
 import torch
@@ -205,7 +204,8 @@ def python_profile(variant: str, T: int, K: int, dev: str, dt, args, rows: int) 
 def generate_profile(dev: str, dt, args, rows: int) -> dict:
     """Greedy generation as bench_generate.py runs it (q_proj and v_proj adapted, batch 1, a 32-token prompt) for
     PEFT LoRA r=8 and HydraLoRA with token routing: host ms per new token (generate of 33 tokens less generate of 1,
-    over 32) and cProfile's own-time table of one generate of 33 tokens, where a decode step's host time goes."""
+    over 32), cProfile's own-time table of one generate of 33 tokens (where a decode step's host time goes) and the
+    lines that synchronize with the device in a generate of 5 tokens (transformers' own stopping check among them)."""
     from bench_generate import build_variants, gen_kwargs
 
     name = "llama7b-8l" if dev == "cuda" else "smollm2-135m"
@@ -228,8 +228,11 @@ def generate_profile(dev: str, dt, args, rows: int) -> dict:
             pr.enable()
             gen(33)
             pr.disable()
+            syncs = synchronizing_calls(lambda: model.generate(ids, **gen_kwargs(ids, 5))) if dev == "cuda" else []
         out[key] = {"host ms per new token": round((secs[33] - secs[1]) / 32 * 1e3, 3),
-                    "cProfile": own_time_table(pr, rows)}
+                    "cProfile": own_time_table(pr, rows),
+                    "synchronizing calls, generate of 5 tokens": sorted({f["where"] for f in syncs}),
+                    "synchronizing call count": len(syncs)}
     return out
 
 
@@ -263,22 +266,19 @@ def sync_points(variant: str, dev: str, dt, args) -> list:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return synchronizing_calls(step)
+
+
+def synchronizing_calls(fn) -> list:
+    """The synchronizing CUDA calls fn makes (torch.cuda.set_sync_debug_mode), each with the line that made it."""
     found = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        old = warnings.showwarning
-        stacks = []
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            stacks.append("".join(traceback.format_stack(limit=12)[:-1]))
-
-        warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step()
+            fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-            warnings.showwarning = old
     for w in caught:
         if "synchroniz" in str(w.message):
             found.append({"message": str(w.message)[:200], "where": f"{w.filename}:{w.lineno}"})
@@ -314,7 +314,9 @@ def main():
     res["generate, batch 1"] = generate_profile(dev, dt, args, args.rows)
     for key in ("peft", "token"):
         g = res["generate, batch 1"][key]
-        print(f"== generate {key}: {g['host ms per new token']} ms per new token\n{g['cProfile']}", flush=True)
+        print(f"== generate {key}: {g['host ms per new token']} ms per new token, "
+              f"{g['synchronizing call count']} syncs in 5 tokens at {g['synchronizing calls, generate of 5 tokens']}"
+              f"\n{g['cProfile']}", flush=True)
     res["sync points, one all-linear train step"] = {v: sync_points(v, dev, dt, args) for v in ("peft r8", "ours")}
     print({v: len(s) for v, s in res["sync points, one all-linear train step"].items()},
           res["sync points, one all-linear train step"], flush=True)
