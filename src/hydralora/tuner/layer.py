@@ -22,6 +22,8 @@ from ..ops.reference import add_usage, flat_B as _flat_B
 from ..ops.project import dropout_project, use_dropout_project
 from .config import BalanceLoss, HydraLoraConfig
 
+_NO_PLAN_YET = object()  # a layer state whose fused plan has not been decided
+
 MERGE_UNDER_TOKEN_ROUTING = (
     "HydraLoRA cannot merge under token routing: the gate w(x) differs for every token, so sum_i w_i(x) B_i A "
     "is not one fixed matrix. Choose a fixed gate first: hydralora.merge_and_unload(model, gate='mean' | expert "
@@ -481,7 +483,9 @@ class HydraLoraLayer(BaseTunerLayer):
         key = (adapter_name, dev, x.dtype, amp and torch.get_autocast_dtype(dev.type), self.training,
                self.routing_mode, active if isinstance(active, str) else tuple(active), fused_switch())
         plans = self._fused_plans
-        plan = plans[key] if key in plans else plans.setdefault(key, self._make_fused_plan(x, adapter_name))
+        plan = plans.get(key, _NO_PLAN_YET)  # one hash of the key (None is a kept answer: the eager path)
+        if plan is _NO_PLAN_YET:
+            plan = plans[key] = self._make_fused_plan(x, adapter_name)
         if plan is None:
             return None
         mods, name = self._modules, plan.name
