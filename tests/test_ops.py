@@ -995,7 +995,7 @@ def test_triton_kernels_in_interpreter_match_torch_backend():
 @pytest.mark.parametrize("dropout", [False, True])
 def test_triton_kernels_compile_for_hopper(dropout):
     """Triton's compiler (no GPU needed) builds both kernels for sm_90, with and without the dropout hash (and the
-    usage statistics' atomics).
+    usage statistics' atomics), the projection with and without its routing outputs.
 
     Catches what the interpreter cannot: Triton 3.x refuses non-constexpr globals inside jit code at compile time.
     """
@@ -1009,8 +1009,8 @@ def test_triton_kernels_compile_for_hopper(dropout):
                "inv_keep": "fp32", "scaling": "fp32", "inv_temp": "fp32"}
     fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
            "U": "*fp32", "W": "*i64", "S": "*i64"}
-    fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "COUNT": dropout, "HAS_W": dropout, "BT": 64,
-             "BK": 64}
+    fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "COUNT": dropout, "HAS_W": dropout,
+             "STATS": not dropout, "BT": 64, "BK": 64}
     bwd = {"X": "*bf16", "DZ": "*bf16", "H": "*fp32", "P": "*fp32", "GL": "*fp32", "A": "*bf16", "G": "*bf16",
            "DX": "*bf16", "PART": "*fp32", "S": "*i64"}
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
