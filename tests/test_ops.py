@@ -988,7 +988,8 @@ for a, b in [*zip(fwd[0], fwd[1]), *zip(bwd[0], bwd[1])]:
 # without its routing outputs (eval without a graph) the projection writes the same z and usage, every token counted
 for w in (None, torch.arange(T) % 3 != 0):
     usage = [torch.zeros(N + 1), torch.zeros(N + 1)]
-    full, bare = (launch.proj(x, A, G, None, 0, 1.0, 2.0, 1.0, False, u, w, stats=st) for u, st in zip(usage, (True, False)))
+    full, bare = (launch.proj(x, A, G, None, 0, 1.0, 2.0, 1.0, False, u, w, stats=st)
+                  for u, st in zip(usage, (True, False)))
     assert bare[1:] == (None, None, None) and torch.equal(full[0], bare[0]), "stats=False changed z"
     assert torch.equal(usage[0], usage[1]) and usage[0][N] == (T if w is None else int(w.sum())), usage
 print("WORST", worst)
