@@ -9,9 +9,8 @@ of the model, built with peft.get_peft_model and a default config (LoraConfig(r=
 HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05)); a step = forward, loss, backward, AdamW over the adapter
 parameters, zero_grad. Variants: base (frozen, backward to the embeddings), peft r8, ours (the default dispatch);
 by --variants also peft r18 (LoRA at about ours' trainable parameters), ours eager (HYDRALORA_FUSED=0) and authors
-(the authors' formulation). Peak memory: the step's
-peak over what was allocated before it, plus the variant's own weights and optimizer state (the copies of the other
-variants are resident too).
+(the authors' formulation). Peak memory: the step's peak over what was allocated before it, plus the variant's own
+weights and optimizer state (the copies of the other variants are resident too).
 """
 
 from __future__ import annotations
@@ -71,19 +70,24 @@ def attach(variant, model, targets, args):
     return pm, [p for p in pm.parameters() if p.requires_grad]
 
 
+def _peer(rows, r, variant, field):
+    """The row of `variant` with the same targets and checkpointing as r that has `field`, or None."""
+    return next((o for o in rows if o["targets"] == r["targets"] and o["checkpointing"] == r["checkpointing"]
+                 and o["variant"] == variant and o.get(field)), None)
+
+
 def summarize(rows):
-    """Ratios to PEFT LoRA r=8 of the same targets and checkpointing: tok/s, GPU speed, memory."""
+    """Ratios to PEFT LoRA r=8 of the same targets and checkpointing: tok/s, GPU speed, memory; and memory against
+    PEFT LoRA r=18, the matched-parameter peer, where it ran."""
     for r in rows:
-        lora = next((o for o in rows if o["targets"] == r["targets"] and o["checkpointing"] == r["checkpointing"]
-                     and o["variant"] == "peft r8" and "tok_s" in o), None)
+        lora = _peer(rows, r, "peft r8", "tok_s")
         if "tok_s" not in r or lora is None:
             continue
         r["ktok_s"] = r["tok_s"] / 1e3
         r["vs_peft"] = r["tok_s"] / lora["tok_s"]
         if r.get("peak_gib") and lora.get("peak_gib"):
             r["mem_vs_peft"] = r["peak_gib"] / lora["peak_gib"]
-        matched = next((o for o in rows if o["targets"] == r["targets"] and o["checkpointing"] == r["checkpointing"]
-                        and o["variant"] == "peft r18" and o.get("peak_gib")), None)
+        matched = _peer(rows, r, "peft r18", "peak_gib")
         if r.get("peak_gib") and matched is not None:
             r["mem_vs_r18"] = r["peak_gib"] / matched["peak_gib"]
         if r.get("gpu_ms") and lora.get("gpu_ms"):
@@ -176,7 +180,8 @@ def main():
              f"{args.seq}, r=8, N={args.experts}, dropout {args.dropout}, {dt}, precision {args.precision}, "
              f"{info.get('gpu', info.get('cpu'))}")
     cols = [("targets", "targets", 0), ("checkpointing", "grad ckpt", 0), ("variant", "variant", 0),
-            ("trainable_m", "trainable M", 2), ("step_ms", "step ms", 1), ("ktok_s", "k tok/s", 1), ("vs_peft", "x PEFT tok/s", 2)]
+            ("trainable_m", "trainable M", 2), ("step_ms", "step ms", 1), ("ktok_s", "k tok/s", 1),
+            ("vs_peft", "x PEFT tok/s", 2)]
     if cuda:
         cols += [("gpu_ms", "GPU busy ms", 1), ("gpu_vs_peft", "GPU speed x PEFT", 2), ("peak_gib", "peak GiB", 2),
                  ("mem_vs_peft", "mem x PEFT", 2), ("mem_vs_r18", "mem x PEFT r18", 2)]

@@ -20,9 +20,9 @@ TABLES = [
         ("extra_mib", "peak extra MiB", 0)]),
     ("train_step.json", "Train step: LLaMA-7B-shaped, 8 layers", [
         ("targets", "targets", 0), ("checkpointing", "grad ckpt", 0), ("variant", "variant", 0),
-        ("trainable_m", "trainable M", 2), ("ktok_s", "k tok/s", 1), ("vs_peft", "x PEFT", 2), ("step_ms", "step ms", 1), ("gpu_ms", "GPU busy ms", 1),
-        ("gpu_vs_peft", "GPU speed x PEFT", 2), ("peak_gib", "peak GiB", 2), ("mem_vs_peft", "mem x PEFT", 2),
-        ("mem_vs_r18", "mem x PEFT r18", 2)]),
+        ("trainable_m", "trainable M", 2), ("ktok_s", "k tok/s", 1), ("vs_peft", "x PEFT", 2),
+        ("step_ms", "step ms", 1), ("gpu_ms", "GPU busy ms", 1), ("gpu_vs_peft", "GPU speed x PEFT", 2),
+        ("peak_gib", "peak GiB", 2), ("mem_vs_peft", "mem x PEFT", 2), ("mem_vs_r18", "mem x PEFT r18", 2)]),
     ("generate.json", "Decode", [
         ("model", "model", 0), ("batch", "batch", 0), ("variant", "variant", 0), ("decode_tok_s", "tok/s", 1),
         ("x_peft", "x PEFT", 2), ("x_base", "x base", 2), ("gpu_ms_step", "GPU busy ms/step", 3),

@@ -7,9 +7,8 @@ _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two sm
     B GEMM) and, with STATS, h and gate (fp32, tiny, for backward) and the raw logits. The dropout mask is a hash of
     (seed, index of a pair of neighbouring columns), 16 bits per element: never stored, regenerated in backward. The
     seed: two scalars, or read from a device tensor S (2,) int64 (calls captured in a CUDA graph). With COUNT it
-    also adds the
-    gate's column sums and the token count (each token weighted by W[t] with HAS_W) into the layer's usage
-    statistics U (N + 1,) fp32 by atomics: the statistics cost no extra kernel and no host work per call.
+    also adds the gate's column sums and the token count (each token weighted by W[t] with HAS_W) into the layer's
+    usage statistics U (N + 1,) fp32 by atomics: the statistics cost no extra kernel and no host work per call.
 _bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward included), then per K tile writes
     dx = mask * (dh A) / (1 - p) + dlogits W_g and per-row-block partial sums of dA = dh^T (mask * x) / (1 - p)
     and dW_g = dlogits^T x into one (row blocks, R + N, K) buffer (summed over row blocks afterwards in one
