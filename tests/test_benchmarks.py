@@ -14,7 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {
     "bench_layer.py": ["--features", "64", "--tokens", "32", "--repeats", "2", "--threads", "1",
                        "--variants", "base,peft r8,ours,ours eager,ours layer,ours fused delta,authors"],
-    "bench_train_step.py": ["--targets", "qv", "--checkpointing", "off,on", "--variants", "base,peft r8,peft r18,ours,authors"],
+    "bench_train_step.py": ["--targets", "qv", "--checkpointing", "off,on",
+                            "--variants", "base,peft r8,peft r18,ours,authors"],
     "bench_generate.py": ["--new-tokens", "3", "--repeats", "1", "--variants", "base,peft,token,sequence,merged"],
     "investigations/saved_activations.py": ["--hidden", "64", "--seq", "16"],
 }
