@@ -24,6 +24,9 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 
 
+OPTIMIZERS = ("fused", "foreach")  # AdamW implementations (trainer_step)
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -33,6 +36,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="pure", choices=["pure", "amp"],
                    help="pure: adapter weights in the model's --dtype (PEFT's autocast_adapter_dtype=False). amp: fp32 adapter weights (PEFT's default) and the step "
                         "under torch.autocast in --dtype (what Trainer(bf16=True) runs). fp32 models: the same.")
+    p.add_argument("--optim", default="fused", choices=list(OPTIMIZERS),
+                   help="AdamW's implementation in the trainer-like steps: fused (transformers' Trainer default, "
+                        "optim='adamw_torch_fused') or foreach (torch's default, optim='adamw_torch')")
     return p
 
 
@@ -227,10 +233,14 @@ def fused_switch(value: Optional[str]):
             os.environ["HYDRALORA_FUSED"] = old
 
 
-def trainer_step(forward_backward: Callable[[], None], params: list) -> Callable[[], None]:
+def trainer_step(forward_backward: Callable[[], None], params: list, optim: str = "fused") -> Callable[[], None]:
     """What a trainer runs per step: forward, loss and backward (forward_backward), then an AdamW step over the
-    trainable params and zero_grad (grads set to None)."""
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    trainable params and zero_grad (grads set to None). optim 'fused' is transformers' Trainer default on torch >= 2.8
+    (optim="adamw_torch_fused", so TRL's trainers too): one kernel over all parameters; 'foreach' is torch's own
+    default (optim="adamw_torch")."""
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"optim={optim!r}: allowed values are {', '.join(OPTIMIZERS)}")
+    opt = torch.optim.AdamW(params, lr=1e-4, **{optim: True}) if params else None
 
     def step():
         forward_backward()

@@ -91,7 +91,7 @@ def make_step(net, trainable, x, dy, args):
         out.backward(dy)  # the gradient of sum(out * dy), without the loss's two extra passes over out
         x.grad = None
 
-    return C.trainer_step(forward_backward, trainable)
+    return C.trainer_step(forward_backward, trainable, args.optim)
 
 
 def main():

@@ -144,7 +144,7 @@ def main():
                         loss = net(input_ids=ids, labels=ids).loss
                     loss.backward()
 
-                step = C.trainer_step(forward_backward, trainable)
+                step = C.trainer_step(forward_backward, trainable, args.optim)
                 ctx = (lambda s="0" if v == "ours eager" else None: C.fused_switch(s))
                 try:
                     with ctx():

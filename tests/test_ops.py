@@ -1013,7 +1013,7 @@ def test_triton_kernels_in_interpreter_match_torch_backend():
 
 @pytest.mark.parametrize("dropout", [False, True])
 def test_triton_kernels_compile_for_hopper(dropout):
-    """Triton's compiler (no GPU needed) builds both kernels for sm_90, with and without the dropout hash (and the
+    """Triton's compiler (no GPU needed) builds the kernels for sm_90, with and without the dropout hash (and the
     usage statistics' atomics), the projection with and without its routing outputs.
 
     Catches what the interpreter cannot: Triton 3.x refuses non-constexpr globals inside jit code at compile time.
@@ -1034,8 +1034,10 @@ def test_triton_kernels_compile_for_hopper(dropout):
            "DX": "*bf16", "PART": "*fp32", "S": "*i64"}
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
              "BK": 64, "KSPLIT": 2}
-    for kernel, ptrs, const in [(tk._proj_fwd, fwd, fwd_c), (tk._bwd_x, bwd, bwd_c)]:
-        sig = {**ptrs, **scalars, **{k: "constexpr" for k in const}}
+    sums = {"PART": "*fp32", "DA": "*bf16", "DG": "*bf16", "NB": "i32", "K": "i32", "RN": "i32"}
+    for kernel, ptrs, const in [(tk._proj_fwd, fwd, fwd_c), (tk._bwd_x, bwd, bwd_c),
+                                (tk._sum_parts, sums, {"R": 8, "BE": 512})]:
+        sig = {**ptrs, **({} if kernel is tk._sum_parts else scalars), **{k: "constexpr" for k in const}}
         src = ASTSource(fn=kernel.fn, signature=sig, constexprs=const)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and compiled.asm["ptx"]

@@ -46,7 +46,7 @@ def _tb(T: int) -> int:
 # specialized).
 _COMPILED: dict = {}
 _PLANS: dict = {}  # kernel name -> (positions of tensor arguments, positions of specialized integer arguments)
-_FREE_INTS = frozenset({"T", "TB", "seed_ptr", "s1", "s2"})
+_FREE_INTS = frozenset({"T", "TB", "seed_ptr", "s1", "s2", "NB"})
 _DIRECT = {"ok": True}  # False once a direct launch failed (a Triton whose compiled-kernel runner differs)
 # A call site's short key -> (launcher, function, packed metadata, meta, constexpr tail) of a direct launch. The short
 # key names what the site's arguments can vary in (dtypes, sizes the kernel specializes on, which optional tensors
@@ -259,8 +259,26 @@ def bwd_x(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dro
         args = (x2, dz, h, gate, gl_arg, A, G, dx, part, S, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)
         kw = dict(R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout, HAS_GL=gl is not None, NEED_DX=need_dx)
         launch(_tk._bwd_x, grid, args, kw, {"BK": 64, "KSPLIT": 2}, (K, TB), site)
-    dAG = part.sum(0).to(A.dtype)  # (R + N, K): one reduction and one cast for both weights (A, G share a dtype here)
-    return (dx if need_dx else None), dAG[:R], dAG[R:]
+    dA, dG = sum_parts(part, R, A.dtype, G.dtype)  # (R, K), (N, K)
+    return (dx if need_dx else None), dA, dG
+
+
+def sum_parts(part, R, a_dtype, g_dtype):
+    """(dA (R, K), dW_g (N, K)): bwd_x's per-row-block partial sums `part` (row blocks, R + N, K) fp32 summed over
+    the row blocks, written in the weights' dtypes."""
+    nb, RN, K = part.shape
+    dev = part.device
+    dA = torch.empty(R, K, device=dev, dtype=a_dtype)
+    dG = torch.empty(RN - R, K, device=dev, dtype=g_dtype)
+    site = ("sum_parts", dev.index, a_dtype, g_dtype, K, RN, R)
+    hit = _SITES.get(site)
+    if hit is not None:
+        ptrs = (part.data_ptr(), dA.data_ptr(), dG.data_ptr())
+        if _site_launch(hit, cdiv(RN * K, hit[3]["BE"]), 1, dev.index, ptrs, (*ptrs, nb, K, RN)):
+            return dA, dG
+    grid = lambda META: (cdiv(RN * K, META["BE"]),)  # noqa: E731
+    launch(_tk._sum_parts, grid, (part, dA, dG, nb, K, RN), {"R": R}, {"BE": 512}, (K, RN), site)
+    return dA, dG
 
 
 def interpreting() -> bool:
