@@ -31,7 +31,8 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_benchmark_runs_and_reports_ratios(script, precision, tmp_path):
     if script == "bench_generate.py" and precision == "amp":
         pytest.skip("one generate run is enough (it builds a 135M-shaped model)")
-    extra = ["--dtype", "bf16"] if precision == "amp" else []  # amp only differs from pure below fp32
+    # amp only differs from pure below fp32; its runs also take torch's own AdamW (foreach) instead of Trainer's fused
+    extra = ["--dtype", "bf16", "--optim", "foreach"] if precision == "amp" else []
     proc = _run(script, *TINY[script], "--precision", precision, *extra, "--json", str(tmp_path / "out.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     if script == "investigations/saved_activations.py":
@@ -106,6 +107,11 @@ def test_gpu_suite_parses_and_calls_scripts_that_exist():
 def test_bad_precision_is_refused():
     proc = _run("bench_layer.py", "--precision", "fp8")
     assert proc.returncode == 2 and "--precision" in proc.stderr and "'pure', 'amp'" in proc.stderr
+
+
+def test_bad_optimizer_is_refused():
+    proc = _run("bench_layer.py", "--optim", "sgd")
+    assert proc.returncode == 2 and "--optim" in proc.stderr and "'fused', 'foreach'" in proc.stderr
 
 
 def test_generate_variants_are_checked_before_any_model_is_built():
