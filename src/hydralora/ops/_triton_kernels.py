@@ -197,8 +197,10 @@ def _sum_parts(PART, DA, DG, NB, K, RN, R: tl.constexpr, BE: tl.constexpr):
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     emask = e < RN * K
     acc = tl.zeros([BE], dtype=tl.float32)
-    for b in range(0, NB):
-        acc += tl.load(PART + b * RN * K + e, mask=emask, other=0.0)
+    ptrs = PART + e
+    for _ in range(0, NB):  # the pointers advance one row block per step (64-bit: NB * RN * K may pass 2**31)
+        acc += tl.load(ptrs, mask=emask, other=0.0)
+        ptrs += RN * K
     in_a = e < R * K
     tl.store(DA + e, acc.to(DA.dtype.element_ty), mask=emask & in_a)
     tl.store(DG + (e - R * K), acc.to(DG.dtype.element_ty), mask=emask & (e >= R * K))
