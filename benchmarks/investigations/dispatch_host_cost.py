@@ -7,7 +7,7 @@ replaces the kernels, tiny features make the compute negligible: what is left is
     python benchmarks/investigations/dispatch_host_cost.py --stub-kernels   # kernels as output allocations only
     PYTHONPATH=<another checkout's src> python ...   # the same for older code (fused.py before the ops split too)
 
---stub-kernels replaces the two kernels' PyTorch reference (about 15 small ops each) by allocating their outputs,
+--stub-kernels replaces the kernels' PyTorch reference (about 15 small ops each) by allocating their outputs,
 which is the host side of a GPU launch less Triton's launcher; train calls are then also timed as forward and
 backward apart.
 """
@@ -54,10 +54,10 @@ if args.stub_kernels:
         T, N, R = x2.shape[0], G.shape[0], A.shape[0]
         return (torch.empty(T, N * R, dtype=x2.dtype), torch.empty(T, R), torch.empty(T, N), torch.empty(T, N))
 
-    def _bwd_x(x2, dz, h, gate, gl, A, G, *rest):  # the backward kernel's outputs and its one reduction
-        N, R = G.shape[0], A.shape[0]
-        dAG = torch.empty(2, R + N, x2.shape[1]).sum(0).to(A.dtype)  # (R + N, K), as launch.bwd_x reduces
-        return torch.empty_like(x2), dAG[:R], dAG[R:]
+    def _bwd_x(x2, dz, h, gate, gl, A, G, *rest):  # the outputs of launch.bwd_x's two kernels
+        N, R, K = G.shape[0], A.shape[0], x2.shape[1]
+        torch.empty(2, R + N, K)  # the backward kernel's per-row-block partial sums
+        return torch.empty_like(x2), torch.empty(R, K, dtype=A.dtype), torch.empty(N, K, dtype=G.dtype)
 
     reference.proj, reference.bwd_x = _proj, _bwd_x
 
