@@ -117,7 +117,8 @@ def auto_twin_part() -> dict[str, dict]:
 # a validation set carved from the bundled training split. Every candidate keeps the step count except: 200 steps,
 # to see what a longer budget would buy; 140 length-grouped steps, which take the 2-core CPU less time than 110
 # random ones (fewer padded tokens); and bf16 autocast without adapter dropout at 110-240 steps (on a CPU with
-# native bf16 a step takes about half the time). The 200-step bf16 candidate is today's default on such a CPU.
+# native bf16 a step takes about half the time). The 200-step bf16 candidate is today's default on such a CPU; the
+# fp32 candidate without dropout is what the default runs on a CPU without native bf16.
 RECIPE_SCHEDULE = {"data": "bundled", "schedule": "cpu", **SCHEDULE_DEFAULTS["cpu"], "max_steps": CPU_FP32_MAX_STEPS,
                    "lora_dropout": 0.05, "gradient_accumulation_steps": 1,
                    "eval_batch_size": 32, "bf16": False, "validation_per_task": 16, "num_experts": "auto",
@@ -128,6 +129,7 @@ RECIPE_CANDIDATES = {
     "recipe-loraplus16-temp0.1-lr2e-3": {"learning_rate": 2e-3, "loraplus_lr_ratio": 16},
     "recipe-loraplus4-temp0.1-lr3e-3": {"learning_rate": 3e-3, "loraplus_lr_ratio": 4},
     "recipe-temp0.1-lr3e-3": {"learning_rate": 3e-3},
+    "recipe-temp0.1-lr3e-3-nodrop": {"learning_rate": 3e-3, "lora_dropout": 0.0},  # today's default on an fp32 CPU
     "recipe-temp0.1-lr1e-2": {"learning_rate": 1e-2},
     "recipe-loraplus16-temp0.1-route-warm-lr2e-3": {"learning_rate": 2e-3, "loraplus_lr_ratio": 16,
                                                     "route_target_coef": 1.0, "route_target_ratio": 0.3},
