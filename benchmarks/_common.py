@@ -233,14 +233,19 @@ def fused_switch(value: Optional[str]):
             os.environ["HYDRALORA_FUSED"] = old
 
 
-def trainer_step(forward_backward: Callable[[], None], params: list, optim: str = "fused") -> Callable[[], None]:
-    """What a trainer runs per step: forward, loss and backward (forward_backward), then an AdamW step over the
-    trainable params and zero_grad (grads set to None). optim 'fused' is transformers' Trainer default on torch >= 2.8
-    (optim="adamw_torch_fused", so TRL's trainers too): one kernel over all parameters; 'foreach' is torch's own
-    default (optim="adamw_torch")."""
+def adamw(params: list, optim: str = "fused") -> Optional[torch.optim.AdamW]:
+    """The trainer-like steps' AdamW over params (None without any). optim 'fused' is transformers' Trainer default
+    on torch >= 2.8 (optim="adamw_torch_fused", so TRL's trainers too): one kernel over all parameters; 'foreach' is
+    torch's own default (optim="adamw_torch")."""
     if optim not in OPTIMIZERS:
         raise ValueError(f"optim={optim!r}: allowed values are {', '.join(OPTIMIZERS)}")
-    opt = torch.optim.AdamW(params, lr=1e-4, **{optim: True}) if params else None
+    return torch.optim.AdamW(params, lr=1e-4, **{optim: True}) if params else None
+
+
+def trainer_step(forward_backward: Callable[[], None], params: list, optim: str = "fused") -> Callable[[], None]:
+    """What a trainer runs per step: forward, loss and backward (forward_backward), then an AdamW step (`adamw`) over
+    the trainable params and zero_grad (grads set to None)."""
+    opt = adamw(params, optim)
 
     def step():
         forward_backward()

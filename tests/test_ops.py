@@ -1035,9 +1035,9 @@ def test_triton_kernels_compile_for_hopper(dropout):
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
              "BK": 64, "KSPLIT": 2}
     sums = {"PART": "*fp32", "DA": "*bf16", "DG": "*bf16", "NB": "i32", "K": "i32", "RN": "i32"}
-    for kernel, ptrs, const in [(tk._proj_fwd, fwd, fwd_c), (tk._bwd_x, bwd, bwd_c),
+    for kernel, args, const in [(tk._proj_fwd, {**fwd, **scalars}, fwd_c), (tk._bwd_x, {**bwd, **scalars}, bwd_c),
                                 (tk._sum_parts, sums, {"R": 8, "BE": 512})]:
-        sig = {**ptrs, **({} if kernel is tk._sum_parts else scalars), **{k: "constexpr" for k in const}}
+        sig = {**args, **{k: "constexpr" for k in const}}
         src = ASTSource(fn=kernel.fn, signature=sig, constexprs=const)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm and compiled.asm["ptx"]

@@ -88,7 +88,7 @@ def phases(variant: str, T: int, K: int, dev: str, dt, args, n: int) -> dict:
     net.train()
     x = torch.randn(T, K, device=dev, dtype=dt, requires_grad=True)
     dy = torch.randn(T, K, device=dev, dtype=dt)
-    opt = torch.optim.AdamW(trainable, lr=1e-4, **{args.optim: True}) if trainable else None
+    opt = C.adamw(trainable, args.optim)
     acc = {"forward": 0.0, "backward": 0.0, "optimizer step": 0.0, "zero_grad": 0.0}
 
     def step(record: bool):
@@ -251,7 +251,7 @@ def sync_points(variant: str, dev: str, dt, args) -> list:
     model = copy.deepcopy(make_model(Small, dev, dt))
     net, trainable = attach(variant, model, "all-linear", Small)
     net.train()
-    opt = torch.optim.AdamW(trainable, lr=1e-4, **{args.optim: True}) if trainable else None
+    opt = C.adamw(trainable, args.optim)
     ids = torch.randint(0, 1000, (2, 128), device=dev)
     mask = torch.ones_like(ids)
     mask[1, 100:] = 0  # a padded batch: what a trainer's collator gives
