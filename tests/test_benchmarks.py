@@ -170,3 +170,30 @@ def test_thanora_init_benchmark_times_the_init_and_compares_two_inits(toy, tmp_p
     assert a["init_s"] > 0 and sum(a["ranks"].values()) == 4 and a["heterogeneity"] == b["heterogeneity"]
     cmp = b["compare_to"]  # the same init twice (same seed): every block spans the same subspace
     assert cmp["same_slices"] and cmp["blocks"] > 0 and cmp["min_cos"] > 0.9999
+
+
+def test_dropout_hash_variants_compile_for_hopper_and_the_script_needs_cuda():
+    """Each mask variant of dropout_hash_cost.py replaces the kernels' `_keep` in its own module copy, which Triton
+    builds for sm_90 (no GPU needed); without CUDA the script stops with a clear message."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, str(BENCH / "investigations"))
+    try:
+        import dropout_hash_cost as D
+    finally:
+        sys.path.remove(str(BENCH / "investigations"))
+    mod = D.variant_module("quad8")
+    assert "qc = k0 // 4" in mod._keep.src and mod._proj_fwd.fn is not D.tk._proj_fwd.fn
+    sig = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
+           "U": "*fp32", "W": "*fp32", "S": "*i64", "seed_ptr": "i32", "s1": "i32", "s2": "i32", "T": "i32",
+           "K": "i32", "TB": "i32", "thr": "i32", "inv_keep": "fp32", "scaling": "fp32", "inv_temp": "fp32"}
+    const = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": True, "COUNT": False, "HAS_W": False, "STATS": True,
+             "BT": 32, "BK": 64}
+    src = ASTSource(fn=mod._proj_fwd.fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+    assert "ptx" in __import__("triton").compile(src, target=GPUTarget("cuda", 90, 32)).asm
+    if not __import__("torch").cuda.is_available():
+        proc = subprocess.run([sys.executable, str(BENCH / "investigations/dropout_hash_cost.py")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr
