@@ -33,38 +33,36 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hydralora.ops import _triton_kernels as tk  # noqa: E402
 
-_HEAD = '''def _keep(rows, k0, K, s1, s2, thr, BK: tl.constexpr):
-'''
+# Each variant: edits (shipped line -> replacement) of the shipped `_keep`, so it keeps the shipped hash rounds.
 VARIANTS = {
-    "quad16": _HEAD + '''    qc = k0 // 4 + tl.arange(0, BK // 4)
-    idx = rows[:, None] * ((K + 3) // 4) + qc[None, :]
-    v = idx.to(tl.uint32, bitcast=True) ^ s1.to(tl.uint32, bitcast=True)
-    v = v * tl.full((), _GOLD, tl.int32).to(tl.uint32, bitcast=True) + s2.to(tl.uint32, bitcast=True)
-    v = v ^ (v >> 16)
-    v = v * tl.full((), _C1, tl.int32).to(tl.uint32, bitcast=True)
-    v = v ^ (v >> 15)
-    v = v * tl.full((), _C2, tl.int32).to(tl.uint32, bitcast=True)
-    v = v ^ (v >> 16)
-    w = (v ^ (v >> 15)) * tl.full((), _C1, tl.int32).to(tl.uint32, bitcast=True)
-    w = w ^ (w >> 16)
-    b0 = (v & 0xFFFF).to(tl.int32, bitcast=True)
-    b1 = (v >> 16).to(tl.int32, bitcast=True)
-    b2 = (w & 0xFFFF).to(tl.int32, bitcast=True)
-    b3 = (w >> 16).to(tl.int32, bitcast=True)
-    return tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3)) >= thr
-''',
+    "quad16": [
+        ("    pc = k0 // 2 + tl.arange(0, BK // 2)\n", "    pc = k0 // 4 + tl.arange(0, BK // 4)\n"),
+        ("((K + 1) // 2)", "((K + 3) // 4)"),
+        ("    lo = (v & 0xFFFF)", "    w = (v ^ (v >> 15)) * tl.full((), _C1, tl.int32).to(tl.uint32, bitcast=True)\n"
+                                "    w = w ^ (w >> 16)\n"
+                                "    lo = (v & 0xFFFF)"),
+        ("    return tl.interleave(lo, hi) >= thr",
+         "    lo2 = (w & 0xFFFF).to(tl.int32, bitcast=True)\n"
+         "    hi2 = (w >> 16).to(tl.int32, bitcast=True)\n"
+         "    return tl.interleave(tl.interleave(lo, lo2), tl.interleave(hi, hi2)) >= thr"),
+    ],
 }
 
 
 def variant_module(name: str):
-    """The kernel module with `_keep` replaced by VARIANTS[name] (the shipped module for 'pair3' and 'off'). Triton
+    """The kernel module with `_keep` edited by VARIANTS[name] (the shipped module for 'pair3' and 'off'). Triton
     reads a jit function's source from its file, so each variant is written to a file and imported from there."""
     if name not in VARIANTS:
         return tk
     src = inspect.getsource(tk)
     start = src.index("@triton.jit\ndef _keep(")
     end = src.index("\n\n\n", start)
-    body = src[:start] + "@triton.jit\n" + VARIANTS[name] + src[end:]
+    keep = src[start:end]
+    for old, new in VARIANTS[name]:
+        if old not in keep:
+            raise RuntimeError(f"variant {name}: the shipped _keep no longer contains {old!r}")
+        keep = keep.replace(old, new)
+    body = src[:start] + keep + src[end:]
     path = os.path.join(tempfile.mkdtemp(prefix="hydralora_keep_"), f"kernels_{name}.py")
     with open(path, "w") as f:
         f.write(body)
