@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+from typing import Optional
 
 import torch
 
@@ -72,8 +73,11 @@ def variant_module(name: str):
     return mod
 
 
-def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3) -> dict:
-    """GPU microseconds of one projection and one backward kernel at (T, K), bf16, through the autotuner's choice."""
+def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3, proj_cfg: Optional[dict] = None,
+                 bwd_cfg: Optional[dict] = None, bwd_bt: Optional[int] = None) -> dict:
+    """GPU microseconds of one projection and one backward kernel at (T, K), bf16: through the autotuner's choice,
+    or with an explicit config (proj_cfg: BT, BK, num_warps, num_stages; bwd_cfg: BK, KSPLIT, num_warps, num_stages;
+    bwd_bt: the backward's rows per block, else the launcher's choice). Also the config the autotuner chose."""
     from triton.testing import do_bench_cudagraph
 
     dev, dt = "cuda", torch.bfloat16
@@ -92,27 +96,35 @@ def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3) -> 
     RP, NP = 16, 16
     common = (S, 0, 12345, 678, T, K, TB, thr, inv_keep, 2.0, 1.0)
 
-    def proj():
-        mod._proj_fwd[lambda m: (triton_cdiv(T, m["BT"]),)](
-            x, A, G, z, h, gate, raw, usage, usage, *common, R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=True,
-            HAS_W=False, STATS=True)
+    pk = mod._proj_fwd if proj_cfg is None else mod._proj_fwd.fn  # the autotuner, or the jit function itself
 
-    BT = 64 if T >= 1024 else 32
+    def proj():
+        pk[lambda m: (triton_cdiv(T, m["BT"]),)](
+            x, A, G, z, h, gate, raw, usage, usage, *common, R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=True,
+            HAS_W=False, STATS=True, **(proj_cfg or {}))
+
+    BT = bwd_bt or (64 if T >= 1024 else 32)
     nT = triton_cdiv(T, BT)
     dz = torch.randn(T, N * R, device=dev, dtype=dt, generator=g)
     dx = torch.empty_like(x)
     part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)
 
+    bk = mod._bwd_x if bwd_cfg is None else mod._bwd_x.fn
+
     def bwd():
-        mod._bwd_x[lambda m: (nT, m["KSPLIT"])](
+        bk[lambda m: (nT, m["KSPLIT"])](
             x, dz, h, gate, gate, A, G, dx, part, *common, R=R, N=N, RP=RP, NP=NP, BT=BT, DROPOUT=dropout,
-            HAS_GL=False, NEED_DX=True)
+            HAS_GL=False, NEED_DX=True, **(bwd_cfg or {}))
 
     out = {}
     for name, fn in (("proj_us", proj), ("bwd_us", bwd)):
         fn()  # autotune and compile outside the graph
         torch.cuda.synchronize()
         out[name] = 1e3 * do_bench_cudagraph(fn, rep=50)
+    for name, k in (("proj_chosen", pk), ("bwd_chosen", bk)):
+        best = getattr(k, "best_config", None)
+        if best is not None:
+            out[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     floor = torch.empty_like(x)
     out["copy_x_us"] = 1e3 * do_bench_cudagraph(lambda: floor.copy_(x), rep=50)  # read + write of x: bandwidth
     return out
