@@ -35,6 +35,12 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("kernel_configs.py needs a CUDA device")
     rows = []
+
+    def save():  # after every shape and dropout setting: a run cut by a time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
     for shape in args.shapes.split(","):
         T, K = (int(s) for s in shape.split("x"))
         for dropout in (True, False):
@@ -42,7 +48,8 @@ def main():
             rows.append({"T": T, "K": K, "dropout": dropout, "config": "autotuned", **auto})
             print(f"T={T} K={K} dropout={dropout}: autotuned proj {auto['proj_us']:.1f} us "
                   f"{auto.get('proj_chosen')}, bwd {auto['bwd_us']:.1f} us {auto.get('bwd_chosen')}", flush=True)
-            for (bt, bk, w, s), (bbt, bbk, ks, bw, bs) in zip(PROJ, BWD + [None] * (len(PROJ) - len(BWD))):
+            bwds = BWD + [(None,) * 5] * (len(PROJ) - len(BWD))  # later proj configs: the chosen bwd config
+            for (bt, bk, w, s), (bbt, bbk, ks, bw, bs) in zip(PROJ, bwds):
                 pc = {"BT": bt, "BK": bk, "num_warps": w, "num_stages": s}
                 bc = None if bbt is None else {"BK": bbk, "KSPLIT": ks, "num_warps": bw, "num_stages": bs}
                 try:
@@ -55,9 +62,7 @@ def main():
                 rows.append({"T": T, "K": K, "dropout": dropout, "proj": pc, "bwd": bc, "bwd_bt": bbt, **r})
                 print(f"  proj {bt:3d}x{bk:3d} w{w}: {r['proj_us']:7.1f} us   bwd "
                       f"{'' if bc is None else f'BT{bbt} BK{bbk} KS{ks} w{bw}'}: {r['bwd_us']:7.1f} us", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            save()
 
 
 if __name__ == "__main__":
