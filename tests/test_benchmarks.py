@@ -172,7 +172,7 @@ def test_thanora_init_benchmark_times_the_init_and_compares_two_inits(toy, tmp_p
     assert cmp["same_slices"] and cmp["blocks"] > 0 and cmp["min_cos"] > 0.9999
 
 
-def test_dropout_hash_variants_compile_for_hopper_and_the_script_needs_cuda():
+def test_dropout_hash_variants_compile_for_hopper_and_the_kernel_scripts_need_cuda():
     """Each mask variant of dropout_hash_cost.py replaces the kernels' `_keep` in its own module copy, which Triton
     builds for sm_90 (no GPU needed); without CUDA the script stops with a clear message."""
     pytest.importorskip("triton")
@@ -194,6 +194,7 @@ def test_dropout_hash_variants_compile_for_hopper_and_the_script_needs_cuda():
     src = ASTSource(fn=mod._proj_fwd.fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
     assert "ptx" in __import__("triton").compile(src, target=GPUTarget("cuda", 90, 32)).asm
     if not __import__("torch").cuda.is_available():
-        proc = subprocess.run([sys.executable, str(BENCH / "investigations/dropout_hash_cost.py")],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr
+        for script in ("dropout_hash_cost.py", "kernel_configs.py"):
+            proc = subprocess.run([sys.executable, str(BENCH / "investigations" / script)], capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode != 0 and f"{script} needs a CUDA device" in proc.stderr
