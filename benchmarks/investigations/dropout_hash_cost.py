@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
 from hydralora.ops import _triton_kernels as tk  # noqa: E402
+from hydralora.ops.launch import cdiv  # noqa: E402
 
 # Each variant: edits (shipped line -> replacement) of the shipped `_keep`, so it keeps the shipped hash rounds.
 VARIANTS = {
@@ -99,12 +100,12 @@ def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3, pro
     pk = mod._proj_fwd if proj_cfg is None else mod._proj_fwd.fn  # the autotuner, or the jit function itself
 
     def proj():
-        pk[lambda m: (triton_cdiv(T, m["BT"]),)](
+        pk[lambda m: (cdiv(T, m["BT"]),)](
             x, A, G, z, h, gate, raw, usage, usage, *common, R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=True,
             HAS_W=False, STATS=True, **(proj_cfg or {}))
 
     BT = bwd_bt or (64 if T >= 1024 else 32)
-    nT = triton_cdiv(T, BT)
+    nT = cdiv(T, BT)
     dz = torch.randn(T, N * R, device=dev, dtype=dt, generator=g)
     dx = torch.empty_like(x)
     part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)
@@ -128,10 +129,6 @@ def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3, pro
     floor = torch.empty_like(x)
     out["copy_x_us"] = 1e3 * do_bench_cudagraph(lambda: floor.copy_(x), rep=50)  # read + write of x: bandwidth
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main():
