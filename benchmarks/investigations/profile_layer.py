@@ -2,7 +2,8 @@
 device time (CPU time on the CPU), and optionally a Chrome trace: the frozen layer's three GEMMs against everything
 a variant adds; with --host, cProfile of the Python side instead.
 
-    python benchmarks/investigations/profile_layer.py --device cuda --variant ours --precision amp --trace out/fused.json
+    python benchmarks/investigations/profile_layer.py --device cuda --variant ours --precision amp \
+        --trace out/fused.json
     python benchmarks/investigations/profile_layer.py --device cpu --variant "peft r8" --tokens 256 --features 256
     python benchmarks/investigations/profile_layer.py --device cuda --variant ours --host --steps 50   # Python side
 """
@@ -31,7 +32,8 @@ def main():
     C.add_layer_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=25, help="rows of the table")
-    p.add_argument("--trace", default=None, metavar="OUT", help="also write a Chrome trace (chrome://tracing, Perfetto)")
+    p.add_argument("--trace", default=None, metavar="OUT",
+                   help="also write a Chrome trace (chrome://tracing, Perfetto)")
     p.add_argument("--inference", action="store_true", help="forward only, eval mode, no grad (decode-like calls)")
     p.add_argument("--host", action="store_true",
                    help="profile the host side instead (cProfile: Python functions by own time, what a launch-bound "

@@ -2,7 +2,8 @@
 PEFT LoRA r=8 and HydraLoRA r=8 N=3, all-linear, dropout 0.05; device-independent, so it runs on the CPU.
 
     python benchmarks/investigations/saved_activations.py                  # hidden 256, 2 layers, 4 x 128 tokens, fp32
-    python benchmarks/investigations/saved_activations.py --project-min 0  # HydraLoRA's x + mask path on every input size
+    # HydraLoRA's x + mask path on every input size:
+    python benchmarks/investigations/saved_activations.py --project-min 0
 
 --project-min sets hydralora.ops.project.MIN_NUMEL (default 2^20: only large inputs take that path).
 """
@@ -71,7 +72,8 @@ def main():
         r["x_peft"] = r["saved_mib"] / lora
     title = (f"Saved for backward: LLaMA hidden {args.hidden}, {args.layers} layers, {args.batch} x {args.seq} tokens, "
              f"{dt}, all-linear, project-min {args.project_min}")
-    table = C.print_table(rows, [("variant", "variant", 0), ("saved_mib", "saved MiB", 1), ("x_peft", "x PEFT LoRA r=8", 2)], title)
+    cols = [("variant", "variant", 0), ("saved_mib", "saved MiB", 1), ("x_peft", "x PEFT LoRA r=8", 2)]
+    table = C.print_table(rows, cols, title)
     C.write_json(args.json, {"bench": "saved_activations", "env": C.env_info(dev), "config": vars(args), "rows": rows,
                              "table": table})
 
