@@ -175,7 +175,8 @@ def test_thanora_init_benchmark_times_the_init_and_compares_two_inits(toy, tmp_p
 def test_dropout_hash_variants_compile_for_hopper_and_the_kernel_scripts_need_cuda():
     """Each mask variant of dropout_hash_cost.py replaces the kernels' `_keep` in its own module copy, which Triton
     builds for sm_90 (no GPU needed); without CUDA the script stops with a clear message."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -192,8 +193,8 @@ def test_dropout_hash_variants_compile_for_hopper_and_the_kernel_scripts_need_cu
     const = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": True, "COUNT": False, "HAS_W": False, "STATS": True,
              "BT": 32, "BK": 64}
     src = ASTSource(fn=mod._proj_fwd.fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-    assert "ptx" in __import__("triton").compile(src, target=GPUTarget("cuda", 90, 32)).asm
-    if not __import__("torch").cuda.is_available():
+    assert "ptx" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
+    if not torch.cuda.is_available():
         for script in ("dropout_hash_cost.py", "kernel_configs.py"):
             proc = subprocess.run([sys.executable, str(BENCH / "investigations" / script)], capture_output=True,
                                   text=True, timeout=300)

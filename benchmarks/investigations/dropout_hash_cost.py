@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
 from hydralora.ops import _triton_kernels as tk  # noqa: E402
-from hydralora.ops.launch import cdiv  # noqa: E402
+from hydralora.ops.launch import bwd_block_rows, cdiv, pads, tune_bucket  # noqa: E402
 
 # Each variant: edits (shipped line -> replacement) of the shipped `_keep`, so it keeps the shipped hash rounds.
 VARIANTS = {
@@ -93,8 +93,8 @@ def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3, pro
     usage = torch.zeros(N + 1, device=dev, dtype=torch.float32)
     S = torch.zeros(2, device=dev, dtype=torch.int64)
     thr, inv_keep = 3277, 1 / 0.95
-    TB = min(1 << (T - 1).bit_length(), 8192)
-    RP, NP = 16, 16
+    TB = tune_bucket(T)
+    RP, NP = pads(R, N)
     common = (S, 0, 12345, 678, T, K, TB, thr, inv_keep, 2.0, 1.0)
 
     pk = mod._proj_fwd if proj_cfg is None else mod._proj_fwd.fn  # the autotuner, or the jit function itself
@@ -104,7 +104,7 @@ def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3, pro
             x, A, G, z, h, gate, raw, usage, usage, *common, R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=True,
             HAS_W=False, STATS=True, **(proj_cfg or {}))
 
-    BT = bwd_bt or (64 if T >= 1024 else 32)
+    BT = bwd_bt or bwd_block_rows(T)
     nT = cdiv(T, BT)
     dz = torch.randn(T, N * R, device=dev, dtype=dt, generator=g)
     dx = torch.empty_like(x)

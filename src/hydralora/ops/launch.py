@@ -32,7 +32,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _tb(T: int) -> int:
+def tune_bucket(T: int) -> int:
     """Bucket of the token count for the autotuner's key (decode, small and large batches tune separately)."""
     return min(pow2(max(int(T), 1)), 8192)
 
@@ -167,7 +167,8 @@ def _direct_parts(compiled):
     return run, function, packed
 
 
-def _pads(R: int, N: int) -> tuple[int, int]:
+def pads(R: int, N: int) -> tuple[int, int]:
+    """(RP, NP): the rank and expert count padded to the kernels' power-of-two tile widths (at least 16)."""
     return max(16, pow2(R)), max(16, pow2(N))
 
 
@@ -196,7 +197,7 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
     three are None (a call without an autograd graph whose caller records nothing: three allocations fewer)."""
     T, K = x2.shape
     N, R = G.shape[0], A.shape[0]
-    RP, NP = _pads(R, N)
+    RP, NP = pads(R, N)
     dev = x2.device
     z = torch.empty(T, N * R, device=dev, dtype=x2.dtype)
     unused = _placeholder(dev, torch.float32)
@@ -211,7 +212,7 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
     u = unused if usage is None else usage
     w = unused if weights is None else weights
     S, s0, s1, s2 = _seed_args(seed, dev)
-    TB = _tb(T)
+    TB = tune_bucket(T)
     site = ("proj", dev.index, x2.dtype, A.dtype, G.dtype, u.dtype, w.dtype, s0, K, TB, R, N, thr, dropout,
             usage is not None, weights is not None, stats)
     hit = _SITES.get(site)
@@ -229,22 +230,23 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
     return z, h, gate, raw
 
 
-def _bwd_bt(T: int) -> int:
+def bwd_block_rows(T: int) -> int:
+    """Rows per block of the backward kernel for T tokens."""
     return 64 if T >= 1024 else 32  # H200, 8192 tokens: 64 rows per block beat 128 by 14% (results/perf/2026-12-01)
 
 
 def bwd_x(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_dx):
     T, K = x2.shape
     N, R = G.shape[0], A.shape[0]
-    RP, NP = _pads(R, N)
-    BT = _bwd_bt(T)
+    RP, NP = pads(R, N)
+    BT = bwd_block_rows(T)
     nT = cdiv(T, BT)
     dev = x2.device
     dx = torch.empty_like(x2) if need_dx else x2  # not written when need_dx is False
     part = torch.empty(nT, R + N, K, device=dev, dtype=torch.float32)  # per row block: dA rows, then dW_g rows
     gl_arg = gl.contiguous() if gl is not None else gate
     S, s0, s1, s2 = _seed_args(seed, dev)
-    TB = _tb(T)
+    TB = tune_bucket(T)
     site = ("bwd_x", dev.index, x2.dtype, dz.dtype, gl_arg.dtype, A.dtype, G.dtype, s0, K, TB, BT, R, N, thr, dropout,
             gl is not None, need_dx)
     hit = _SITES.get(site)
