@@ -199,3 +199,41 @@ def test_dropout_hash_variants_compile_for_hopper_and_the_kernel_scripts_need_cu
             proc = subprocess.run([sys.executable, str(BENCH / "investigations" / script)], capture_output=True,
                                   text=True, timeout=300)
             assert proc.returncode != 0 and f"{script} needs a CUDA device" in proc.stderr
+
+
+def test_step_timeline_splits_idle_time_into_starved_and_queued_gaps():
+    """A gap after which the host launched the next kernel counts as starved, under the host op that launched it;
+    a gap before a kernel launched earlier counts as the device's own latency; overlapping kernels count once."""
+    sys.path.insert(0, str(BENCH / "investigations"))
+    try:
+        import step_timeline as S
+    finally:
+        sys.path.remove(str(BENCH / "investigations"))
+
+    def kernel(name, ts, dur, corr):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    def launch(ts, corr):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2, "tid": 1,
+                "args": {"correlation": corr}}
+
+    events = [
+        {"cat": "cpu_op", "name": "outer", "ts": 0, "dur": 200, "tid": 1},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 60, "dur": 10, "tid": 1},
+        launch(1, 1), kernel("k1", 10, 20, 1),   # busy 10..30
+        launch(2, 2), kernel("k2", 33, 7, 2),    # launched before k1 ended: a queued gap of 3
+        launch(65, 3), kernel("k3", 70, 10, 3),  # launched at 65 > 40: starved for 30, inside outer > aten::mm
+        launch(66, 4), kernel("k4", 75, 10, 4),  # overlaps k3: busy counted once (70..85)
+    ]
+    s = S.timeline(events)
+    assert s["span_us"] == 75 and s["busy_us"] == 42 and s["idle_us"] == 33
+    assert s["queued_gap_us"] == 3 and s["starved_us"] == 30
+    assert s["starved_by_op"] == {"outer > aten::mm": [1, 30]}
+    assert s["longest_starved"][0]["after"] == "k2" and s["longest_starved"][0]["before"] == "k3"
+    assert s["kernels_by_name"]["k1"] == [1, 20] and s["device_events"] == 4
+    with pytest.raises(ValueError, match="no device events"):
+        S.timeline([{"cat": "cpu_op", "name": "x", "ts": 0, "dur": 1, "tid": 1}])
+    if not __import__("torch").cuda.is_available():
+        proc = subprocess.run([sys.executable, str(BENCH / "investigations" / "step_timeline.py")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "step_timeline.py needs a CUDA device" in proc.stderr
