@@ -188,11 +188,10 @@ def test_dropout_hash_variants_compile_for_hopper_and_the_kernel_scripts_need_cu
     mod = D.variant_module("quad16")
     assert "tl.interleave(lo, lo2)" in mod._keep.src and mod._proj_fwd.fn is not D.tk._proj_fwd.fn
     sig = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
-           "U": "*fp32", "W": "*fp32", "S": "*i64", "WS": "*fp32", "CNT": "*i32", "seed_ptr": "i32", "s1": "i32",
-           "s2": "i32", "T": "i32", "K": "i32", "TB": "i32", "thr": "i32", "inv_keep": "fp32", "scaling": "fp32",
-           "inv_temp": "fp32"}
+           "U": "*fp32", "W": "*fp32", "S": "*i64", "seed_ptr": "i32", "s1": "i32", "s2": "i32", "T": "i32",
+           "K": "i32", "TB": "i32", "thr": "i32", "inv_keep": "fp32", "scaling": "fp32", "inv_temp": "fp32"}
     const = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": True, "COUNT": False, "HAS_W": False, "STATS": True,
-             "BT": 32, "BK": 64, "KS": 2}
+             "BT": 32, "BK": 64}
     src = ASTSource(fn=mod._proj_fwd.fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
     assert "ptx" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
     if not torch.cuda.is_available():

@@ -985,13 +985,6 @@ bwd = [launch.bwd_x(x, dz, fwd[0][1], fwd[0][2], None, A, G, s, thr, inv_keep, 2
        for s in [(5, 9), torch.tensor([5, 9])]]
 for a, b in [*zip(fwd[0], fwd[1]), *zip(bwd[0], bwd[1])]:
     assert torch.equal(a, b), "device seed differs from host seed"
-# the projection split over K (the last of a row block's programs sums their partial sums) computes the same
-for ks in (2, 4):
-    launch.PROJ_FIXED = {"BT": 16, "BK": 64, "KS": ks}
-    split = launch.proj(x, A, G, (5, 9), thr, inv_keep, 2.0, 1.0, True)
-    worst = max(worst, max(((a - b).norm() / b.norm()).item() for a, b in zip(split, fwd[0])))
-    assert int(launch._WORKSPACES[(None, None)][1].abs().sum()) == 0, "row-block counters not reset"
-launch.PROJ_FIXED = {"BT": 32, "BK": 128, "KS": 1}
 # without its routing outputs (eval without a graph) the projection writes the same z and usage, every token counted
 for w in (None, torch.arange(T) % 3 != 0):
     usage = [torch.zeros(N + 1), torch.zeros(N + 1)]
@@ -1021,7 +1014,7 @@ def test_triton_kernels_in_interpreter_match_torch_backend():
 @pytest.mark.parametrize("dropout", [False, True])
 def test_triton_kernels_compile_for_hopper(dropout):
     """Triton's compiler (no GPU needed) builds the kernels for sm_90, with and without the dropout hash (and the
-    usage statistics' atomics), the projection with and without its routing outputs and its split over K.
+    usage statistics' atomics), the projection with and without its routing outputs.
 
     Catches what the interpreter cannot: Triton 3.x refuses non-constexpr globals inside jit code at compile time.
     """
@@ -1034,9 +1027,9 @@ def test_triton_kernels_compile_for_hopper(dropout):
     scalars = {"seed_ptr": "i32", "s1": "i32", "s2": "i32", "T": "i32", "K": "i32", "TB": "i32", "thr": "i32",
                "inv_keep": "fp32", "scaling": "fp32", "inv_temp": "fp32"}
     fwd = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "Z": "*bf16", "H": "*fp32", "P": "*fp32", "L": "*fp32",
-           "U": "*fp32", "W": "*i64", "S": "*i64", "WS": "*fp32", "CNT": "*i32"}
+           "U": "*fp32", "W": "*i64", "S": "*i64"}
     fwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "DROPOUT": dropout, "COUNT": dropout, "HAS_W": dropout,
-             "STATS": not dropout, "BT": 64, "BK": 64, "KS": 1 + dropout}
+             "STATS": not dropout, "BT": 64, "BK": 64}
     bwd = {"X": "*bf16", "DZ": "*bf16", "H": "*fp32", "P": "*fp32", "GL": "*fp32", "A": "*bf16", "G": "*bf16",
            "DX": "*bf16", "PART": "*fp32", "S": "*i64"}
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
@@ -1106,49 +1099,6 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks():
             assert torch.equal(replays[0], eager) and torch.equal(replays[1], eager)
         else:
             assert rel(replays[0], replays[1]) > 1e-2
-
-
-@needs_gpu
-def test_projection_split_over_k_matches_one_program_per_row_block(monkeypatch):
-    """The projection split over K (KS programs per row block, the last to finish sums their partial sums) gives the
-    one-program result up to fp32 summation order, the same bits on every run, counters back at zero after each
-    launch, usage counted once, and under a CUDA graph its own workspace: replays match the eager call."""
-    monkeypatch.setenv("HYDRALORA_AUTOTUNE", "0")
-    T, K, R, N = 1000, 4096, 8, 3
-    x, A, G, _ = _cuda_op_inputs(T, K, 64, R, N, seed=4)
-    from hydralora.ops import reference
-
-    _, thr, inv_keep = reference.dropout_params(0.1, True)
-    runs = {}
-    for ks in (1, 4, 4, 2):
-        monkeypatch.setattr(launch, "PROJ_FIXED", {"BT": 32, "BK": 128, "KS": ks})
-        usage = torch.zeros(N + 1, device="cuda")
-        out = launch.proj(x, A, G, (7, 11), thr, inv_keep, 2.0, 0.8, True, usage)
-        torch.cuda.synchronize()
-        ws, cnt = launch._WORKSPACES[(x.device.index, torch.cuda.current_stream().cuda_stream)]
-        assert int(cnt.abs().sum()) == 0, "row-block counters not reset"
-        assert float(usage[N]) == T
-        runs.setdefault(ks, []).append([*out, usage])
-    for a, b in zip(runs[4][0], runs[4][1]):
-        assert torch.equal(a, b), "split projection not deterministic"
-    for ks in (2, 4):
-        for a, b in zip(runs[1][0], runs[ks][0]):
-            assert rel(a, b) < 1e-5, (ks, rel(a, b))
-    monkeypatch.setattr(launch, "PROJ_FIXED", {"BT": 32, "BK": 128, "KS": 4})
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch.proj(x, A, G, None, thr, inv_keep, 2.0, 0.8, False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = launch.proj(x, A, G, None, thr, inv_keep, 2.0, 0.8, False)
-    eager = launch.proj(x, A, G, None, thr, inv_keep, 2.0, 0.8, False)
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        for a, b in zip(captured, eager):
-            assert torch.equal(a, b)
 
 
 @needs_gpu

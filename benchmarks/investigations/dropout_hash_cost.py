@@ -77,9 +77,8 @@ def variant_module(name: str):
 def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3, proj_cfg: Optional[dict] = None,
                  bwd_cfg: Optional[dict] = None, bwd_bt: Optional[int] = None) -> dict:
     """GPU microseconds of one projection and one backward kernel at (T, K), bf16: through the autotuner's choice,
-    or with an explicit config (proj_cfg: BT, BK, num_warps, num_stages, optionally KS; bwd_cfg: BK, KSPLIT,
-    num_warps, num_stages; bwd_bt: the backward's rows per block, else the launcher's choice). Also the config the
-    autotuner chose."""
+    or with an explicit config (proj_cfg: BT, BK, num_warps, num_stages; bwd_cfg: BK, KSPLIT, num_warps, num_stages;
+    bwd_bt: the backward's rows per block, else the launcher's choice). Also the config the autotuner chose."""
     from triton.testing import do_bench_cudagraph
 
     dev, dt = "cuda", torch.bfloat16
@@ -97,17 +96,13 @@ def time_kernels(mod, T: int, K: int, dropout: bool, R: int = 8, N: int = 3, pro
     TB = tune_bucket(T)
     RP, NP = pads(R, N)
     common = (S, 0, 12345, 678, T, K, TB, thr, inv_keep, 2.0, 1.0)
-    # a config that splits K: its partial sums and row-block counters (zero; each launch leaves them at zero)
-    ws = torch.empty(mod.KS_MAX * T * (RP + NP), device=dev, dtype=torch.float32)
-    cnt = torch.zeros(cdiv(T, 16), device=dev, dtype=torch.int32)
 
     pk = mod._proj_fwd if proj_cfg is None else mod._proj_fwd.fn  # the autotuner, or the jit function itself
-    pcfg = None if proj_cfg is None else {"KS": 1, **proj_cfg}
 
     def proj():
-        pk[lambda m: (cdiv(T, m["BT"]), m["KS"])](
-            x, A, G, z, h, gate, raw, usage, usage, S, ws, cnt, *common[1:], R=R, N=N, RP=RP, NP=NP,
-            DROPOUT=dropout, COUNT=True, HAS_W=False, STATS=True, **(pcfg or {}))
+        pk[lambda m: (cdiv(T, m["BT"]),)](
+            x, A, G, z, h, gate, raw, usage, usage, *common, R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=True,
+            HAS_W=False, STATS=True, **(proj_cfg or {}))
 
     BT = bwd_bt or bwd_block_rows(T)
     nT = cdiv(T, BT)

@@ -9,8 +9,6 @@ _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two sm
     seed: two scalars, or read from a device tensor S (2,) int64 (calls captured in a CUDA graph). With COUNT it
     also adds the gate's column sums and the token count (each token weighted by W[t] with HAS_W) into the layer's
     usage statistics U (N + 1,) fp32 by atomics: the statistics cost no extra kernel and no host work per call.
-    A config may split K over KS programs per row block (more programs per SM at train and decode sizes); the last
-    of them to finish sums the partial sums in a fixed order and runs the epilogue: one launch, deterministic.
 _bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward included), then per K tile writes
     dx = mask * (dh A) / (1 - p) + dlogits W_g and per-row-block partial sums of dA = dh^T (mask * x) / (1 - p)
     and dW_g = dlogits^T x into one (row blocks, R + N, K) buffer.
@@ -56,27 +54,45 @@ def _fwd_configs():
     # there (H100: 42.5 us against 55.6 for 64x128 at 4096 x 4096; results/perf/2026-12-07/h100-configs).
     for bt, bk, w, s in [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 256, 8, 3),
                          (128, 64, 8, 3), (32, 128, 4, 3)]:
-        out.append(triton.Config({"BT": bt, "BK": bk, "KS": 1}, num_warps=w, num_stages=s))
-    # Split over K (KS programs per row block): with one 4-warp program per SM the dropout hash's dependent integer
-    # ops run at their latency; splitting K puts several programs on each SM (and more than one on a decode call).
-    for bt, bk, ks in [(64, 128, 2), (64, 128, 4), (32, 128, 2), (16, 128, 4)]:
-        out.append(triton.Config({"BT": bt, "BK": bk, "KS": ks}, num_warps=4, num_stages=3))
+        out.append(triton.Config({"BT": bt, "BK": bk}, num_warps=w, num_stages=s))
     return out
 
 
-KS_MAX = 4  # the largest split over K among the configs: the size of the partial sums' workspace
-
-
-@triton.jit
-def _proj_epilogue(
-    acc_h, acc_g, rows, rmask, Z, H, P, L, U, W, inv_keep, scaling, inv_temp,
+# restore_value: the autotuner's timing runs must not add to the usage statistics.
+@triton.autotune(configs=_fwd_configs(), key=["K", "TB", "DROPOUT"], restore_value=["U"])
+# A fresh seed per call, or a new token count, must not select (and compile) a new variant: no specialization on
+# them. The seed: the scalars s1, s2, or with seed_ptr != 0 read from S (2,) int64 on the device, where
+# fused.new_seed draws it while a CUDA graph is captured (its replays draw fresh ones). A runtime switch, not a
+# constexpr: a capture must not compile a new variant.
+@triton.jit(do_not_specialize=["T", "TB", "seed_ptr", "s1", "s2"])
+def _proj_fwd(
+    X, A, G, Z, H, P, L, U, W, S, seed_ptr, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp,
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
-    COUNT: tl.constexpr, HAS_W: tl.constexpr, STATS: tl.constexpr,
+    DROPOUT: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr, STATS: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    """From a row block's A x (acc_h [BT, RP]) and W_g x (acc_g [BT, NP]), fp32: the softmax, z, the usage
-    statistics and (STATS) h, gate and the raw logits."""
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < T
     jr = tl.arange(0, RP)
     jn = tl.arange(0, NP)
+    acc_h = tl.zeros([BT, RP], dtype=tl.float32)
+    acc_g = tl.zeros([BT, NP], dtype=tl.float32)
+    if DROPOUT:
+        if seed_ptr != 0:
+            s1 = tl.load(S).to(tl.int32)
+            s2 = tl.load(S + 1).to(tl.int32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)  # [BK, RP]
+        g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
+        acc_g = tl.dot(x, g, acc_g)
+        if DROPOUT:
+            keep = _keep(rows, k0, K, s1, s2, thr, BK)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        acc_h = tl.dot(x, a, acc_h)
     h = acc_h * inv_keep
     raw = acc_g
     logits = tl.where(jn[None, :] < N, raw * inv_temp, float("-inf"))
@@ -100,70 +116,6 @@ def _proj_epilogue(
         gn = tl.sum(tl.where(jn[None, :] == n, gate, 0.0), 1)  # [BT]
         zn = (gn * scaling)[:, None] * h
         tl.store(Z + rows[:, None] * (N * R) + n * R + jr[None, :], zn.to(Z.dtype.element_ty), mask=hmask)
-
-
-# restore_value: the autotuner's timing runs must not add to the usage statistics.
-@triton.autotune(configs=_fwd_configs(), key=["K", "TB", "DROPOUT"], restore_value=["U"])
-# A fresh seed per call, or a new token count, must not select (and compile) a new variant: no specialization on
-# them. The seed: the scalars s1, s2, or with seed_ptr != 0 read from S (2,) int64 on the device, where
-# fused.new_seed draws it while a CUDA graph is captured (its replays draw fresh ones). A runtime switch, not a
-# constexpr: a capture must not compile a new variant.
-@triton.jit(do_not_specialize=["T", "TB", "seed_ptr", "s1", "s2"])
-def _proj_fwd(
-    X, A, G, Z, H, P, L, U, W, S, WS, CNT, seed_ptr, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp,
-    R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
-    DROPOUT: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr, STATS: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, KS: tl.constexpr,
-):
-    """Grid (row blocks, KS). With KS > 1 each program sums its share of K into WS (KS, T, RP + NP) fp32, then
-    counts itself done in CNT[row block] (int32, zero before the launch); the last of a row block's KS programs adds
-    the KS partial sums in a fixed order (the result does not depend on which program finished last), runs the
-    epilogue and sets its counter back to zero for the next launch."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid * BT + tl.arange(0, BT)
-    rmask = rows < T
-    jr = tl.arange(0, RP)
-    jn = tl.arange(0, NP)
-    acc_h = tl.zeros([BT, RP], dtype=tl.float32)
-    acc_g = tl.zeros([BT, NP], dtype=tl.float32)
-    if DROPOUT:
-        if seed_ptr != 0:
-            s1 = tl.load(S).to(tl.int32)
-            s2 = tl.load(S + 1).to(tl.int32)
-    kchunk = tl.cdiv(tl.cdiv(K, KS), BK) * BK
-    k_lo = pid_k * kchunk
-    k_hi = tl.minimum(k_lo + kchunk, K)
-    for k0 in range(k_lo, k_hi, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < k_hi
-        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)  # [BK, RP]
-        g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
-        acc_g = tl.dot(x, g, acc_g)
-        if DROPOUT:
-            keep = _keep(rows, k0, K, s1, s2, thr, BK)
-            x = tl.where(keep, x, tl.zeros_like(x))
-        acc_h = tl.dot(x, a, acc_h)
-    if KS == 1:
-        _proj_epilogue(acc_h, acc_g, rows, rmask, Z, H, P, L, U, W, inv_keep, scaling, inv_temp,
-                       R, N, RP, NP, COUNT, HAS_W, STATS)
-    else:
-        mine = WS + (pid_k * T + rows[:, None]) * (RP + NP)  # [BT, 1]: this program's rows of its partial-sum slab
-        tl.store(mine + jr[None, :], acc_h, mask=rmask[:, None])
-        tl.store(mine + RP + jn[None, :], acc_g, mask=rmask[:, None])
-        # acq_rel: the partial sums above are visible before the count; the last program's reads below see them
-        done = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-        if done == KS - 1:
-            acc_h = tl.zeros([BT, RP], dtype=tl.float32)
-            acc_g = tl.zeros([BT, NP], dtype=tl.float32)
-            for ks in tl.static_range(KS):
-                part = WS + (ks * T + rows[:, None]) * (RP + NP)
-                acc_h += tl.load(part + jr[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-                acc_g += tl.load(part + RP + jn[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-            tl.store(CNT + pid, 0)
-            _proj_epilogue(acc_h, acc_g, rows, rmask, Z, H, P, L, U, W, inv_keep, scaling, inv_temp,
-                           R, N, RP, NP, COUNT, HAS_W, STATS)
 
 
 def _bwd_configs():

@@ -172,9 +172,6 @@ def pads(R: int, N: int) -> tuple[int, int]:
     return max(16, pow2(R)), max(16, pow2(N))
 
 
-# The projection's config where none is tuned (TRITON_INTERPRET=1, HYDRALORA_AUTOTUNE=0: tests); KS > 1 splits K.
-PROJ_FIXED = {"BT": 32, "BK": 128, "KS": 1}
-
 _PLACEHOLDERS: dict = {}  # (device, dtype) -> a 2-element zero tensor for pointer arguments a kernel does not read
 
 
@@ -193,31 +190,6 @@ def _seed_args(seed, device) -> tuple:
         return seed, 1, 0, 0
     s1, s2 = seed if seed is not None else (0, 0)
     return _placeholder(device, torch.int64), 0, s1, s2
-
-
-_WORKSPACES: dict = {}  # (device index, raw stream) -> the projection's split-K workspace (split_workspace)
-
-
-def split_workspace(dev: torch.device, T: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial sums (at least KS_MAX * T * C) fp32, row-block counters (at least T / 16) int32, zero) for a
-    projection config that splits K: kept per device and stream, like cuBLAS' workspace (launches on one stream run
-    in order; the kernel leaves its counters at zero). While a CUDA graph is captured, a fresh pair from the graph's
-    memory pool (its zero-fill is replayed too): graphs replayed on other streams must not share one."""
-    need_ws, need_cnt = _tk.KS_MAX * T * C, cdiv(T, 16)
-    cuda = dev.type == "cuda"  # (else Triton's interpreter, on the CPU)
-    key = (dev.index, _raw_stream(dev.index) if cuda else None)
-    hit = _WORKSPACES.get(key)
-    capturing = cuda and torch.cuda.is_current_stream_capturing()
-    if hit is not None and hit[0].numel() >= need_ws and hit[1].numel() >= need_cnt and not capturing:
-        return hit
-    if capturing:
-        return (torch.empty(need_ws, device=dev, dtype=torch.float32),
-                torch.zeros(need_cnt, device=dev, dtype=torch.int32))
-    if hit is not None:  # grow: the larger of the two sizes, so alternating token counts do not reallocate
-        need_ws, need_cnt = max(need_ws, hit[0].numel()), max(need_cnt, hit[1].numel())
-    ws = (torch.empty(need_ws, device=dev, dtype=torch.float32), torch.zeros(need_cnt, device=dev, dtype=torch.int32))
-    _WORKSPACES[key] = ws
-    return ws
 
 
 def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None, stats=True):
@@ -245,20 +217,16 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
             usage is not None, weights is not None, stats)
     hit = _SITES.get(site)
     if hit is not None:
-        meta = hit[3]
-        ws, cnt = (unused, _placeholder(dev, torch.int32)) if meta["KS"] == 1 else split_workspace(dev, T, RP + NP)
         ptrs = (x2.data_ptr(), A.data_ptr(), G.data_ptr(), z.data_ptr(), h_arg.data_ptr(), gate_arg.data_ptr(),
-                raw_arg.data_ptr(), u.data_ptr(), w.data_ptr(), S.data_ptr(), ws.data_ptr(), cnt.data_ptr())
-        if _site_launch(hit, cdiv(T, meta["BT"]), meta["KS"], dev.index, ptrs,
+                raw_arg.data_ptr(), u.data_ptr(), w.data_ptr(), S.data_ptr())
+        if _site_launch(hit, cdiv(T, hit[3]["BT"]), 1, dev.index, ptrs,
                         (*ptrs, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)):
             return z, h, gate, raw
-    ws, cnt = split_workspace(dev, T, RP + NP)  # the autotuner may pick a config that splits K
-    grid = lambda META: (cdiv(T, META["BT"]), META["KS"])  # noqa: E731
-    args = (x2, A, G, z, h_arg, gate_arg, raw_arg, u, w, S, ws, cnt, s0, s1, s2, T, K, TB, thr, inv_keep, scaling,
-            inv_temp)
+    grid = lambda META: (cdiv(T, META["BT"]),)  # noqa: E731
+    args = (x2, A, G, z, h_arg, gate_arg, raw_arg, u, w, S, s0, s1, s2, T, K, TB, thr, inv_keep, scaling, inv_temp)
     kw = dict(R=R, N=N, RP=RP, NP=NP, DROPOUT=dropout, COUNT=usage is not None, HAS_W=weights is not None,
               STATS=stats)
-    launch(_tk._proj_fwd, grid, args, kw, PROJ_FIXED, (K, TB), site)
+    launch(_tk._proj_fwd, grid, args, kw, {"BT": 32, "BK": 128}, (K, TB), site)
     return z, h, gate, raw
 
 
