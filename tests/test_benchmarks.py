@@ -237,3 +237,18 @@ def test_step_timeline_splits_idle_time_into_starved_and_queued_gaps():
         proc = subprocess.run([sys.executable, str(BENCH / "investigations" / "step_timeline.py")],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "step_timeline.py needs a CUDA device" in proc.stderr
+
+
+def test_dispatch_host_cost_times_a_greedy_decode_through_the_fused_dispatch(tmp_path):
+    """--generate: host ms per new token of a batch-1 decode for the base, PEFT LoRA r=8 and HydraLoRA, with the
+    fused dispatch's device check passed on the CPU and the kernels stubbed."""
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "investigations" / "dispatch_host_cost.py"), "--generate",
+                           "--stub-kernels", "--rounds", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gen = json.loads(out.read_text())["generate, host ms per new token"]
+    assert {"base", "peft r8", "ours"} <= set(gen) and all(gen[k]["median_ms"] > 0 for k in ("base", "peft r8", "ours"))
+    assert gen["ours: fused layer calls per forward"] == 16  # q_proj and v_proj of 8 layers
+    assert gen["ours / peft r8, median"] == pytest.approx(gen["ours"]["median_ms"] / gen["peft r8"]["median_ms"],
+                                                          abs=2e-3)

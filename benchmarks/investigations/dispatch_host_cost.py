@@ -10,6 +10,12 @@ replaces the kernels, tiny features make the compute negligible: what is left is
 --stub-kernels replaces the kernels' PyTorch reference (about 15 small ops each) by allocating their outputs,
 which is the host side of a GPU launch less Triton's launcher; train calls are then also timed as forward and
 backward apart.
+
+    python benchmarks/investigations/dispatch_host_cost.py --generate --stub-kernels
+
+--generate times bench_generate.py's batch-1 greedy decode instead (q_proj and v_proj adapted, a 32-token prompt)
+on an 8-layer LLaMA with tiny features: host milliseconds per new token, base vs PEFT LoRA r=8 vs HydraLoRA through
+the fused dispatch, in turns: the layer calls together with the model-level hooks and transformers' own loop.
 """
 
 import argparse
@@ -32,10 +38,13 @@ ap.add_argument("--features", type=int, default=16)
 ap.add_argument("--profile", default=None, help="also print ours' cProfile table sorted by this key")
 ap.add_argument("--json", default=None)
 ap.add_argument("--stub-kernels", action="store_true", help="the kernels as output allocations (see above)")
+ap.add_argument("--generate", action="store_true", help="time a greedy decode per new token (see above)")
+ap.add_argument("--rounds", type=int, default=15, help="--generate: timed rounds (each times every variant once)")
 args = ap.parse_args()
 torch.set_num_threads(1)
 F.HAS_TRITON = True
-torch.Tensor.is_cuda = property(lambda self: True)  # every check as on the GPU ...
+if not args.generate:  # (transformers' generate reads is_cuda too: there the dispatch's device check is patched)
+    torch.Tensor.is_cuda = property(lambda self: True)  # every check as on the GPU ...
 try:  # the ops split: dispatch.py decides, fused.use_triton picks the backend
     from hydralora.ops import dispatch
 
@@ -108,6 +117,74 @@ def measure(kind, mode, n=2000):
         pr.disable()
     return round(best, 1), pstats.Stats(pr).total_calls // 100, layer, call
 
+
+
+
+def generate_ms_per_token(rounds: int) -> dict:
+    """Host ms per new token of a batch-1 greedy decode (a 32-new-token generate less a 1-token one, per token),
+    median and fastest of `rounds` rounds, each timing every variant once in a shuffled order."""
+    import copy
+    import random
+    import statistics
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=4 * d, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=8 * d, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    targets = ["q_proj", "v_proj"]
+    configs = {"peft r8": peft.LoraConfig(r=8, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"),
+               "ours": hydralora.HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05, target_modules=targets,
+                                                 task_type="CAUSAL_LM")}
+    nets = {"base": base, **{k: peft.get_peft_model(copy.deepcopy(base), c, autocast_adapter_dtype=False).eval()
+                             for k, c in configs.items()}}
+    ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(0))
+
+    def seconds(model, n):
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
+        t = time.perf_counter()
+        model.generate(ids, **kw)
+        return time.perf_counter() - t
+
+    runs = {k: [] for k in nets}
+    rng = random.Random(0)
+    with torch.inference_mode():
+        for model in nets.values():
+            seconds(model, 32), seconds(model, 1)
+        for _ in range(rounds):
+            order = list(nets)
+            rng.shuffle(order)
+            for k in order:
+                runs[k].append((seconds(nets[k], 32) - seconds(nets[k], 1)) / 31 * 1e3)
+    out = {k: {"median_ms": round(statistics.median(v), 3), "fastest_ms": round(min(v), 3)} for k, v in runs.items()}
+    from hydralora.tuner import layer as hlayer
+
+    calls = {"n": 0}
+    run_plan = hlayer.run_plan
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return run_plan(*a, **kw)
+
+    hlayer.run_plan = counted  # the fused op's entry as the layer calls it: the calls that took the fused path
+    with torch.inference_mode():
+        seconds(nets["ours"], 2)
+    hlayer.run_plan = run_plan
+    out["ours: fused layer calls per forward"] = calls["n"] / 2  # prefill + 1 decode step
+    out["ours / peft r8, median"] = round(out["ours"]["median_ms"] / out["peft r8"]["median_ms"], 3)
+    return out
+
+
+if args.generate:
+    res = {"layout": layout, "features": d, "stub_kernels": args.stub_kernels,
+           "generate, host ms per new token": generate_ms_per_token(args.rounds)}
+    print(json.dumps(res, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    raise SystemExit(0)
 
 res = {"layout": layout, "features": d}
 for mode in ("decode", "train"):
