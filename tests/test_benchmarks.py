@@ -196,9 +196,14 @@ def test_dropout_hash_variants_compile_for_hopper_and_the_kernel_scripts_need_cu
     assert "ptx" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
     if not torch.cuda.is_available():
         for script in ("dropout_hash_cost.py", "kernel_configs.py"):
-            proc = subprocess.run([sys.executable, str(BENCH / "investigations" / script)], capture_output=True,
-                                  text=True, timeout=300)
-            assert proc.returncode != 0 and f"{script} needs a CUDA device" in proc.stderr
+            _assert_refuses_without_cuda(script)
+
+
+def _assert_refuses_without_cuda(script: str) -> None:
+    """A GPU-only investigation script, run without CUDA, exits with an error that names itself and the need."""
+    proc = subprocess.run([sys.executable, str(BENCH / "investigations" / script)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and f"{script} needs a CUDA device" in proc.stderr
 
 
 def test_step_timeline_splits_idle_time_into_starved_and_queued_gaps():
@@ -233,10 +238,10 @@ def test_step_timeline_splits_idle_time_into_starved_and_queued_gaps():
     assert s["kernels_by_name"]["k1"] == [1, 20] and s["device_events"] == 4
     with pytest.raises(ValueError, match="no device events"):
         S.timeline([{"cat": "cpu_op", "name": "x", "ts": 0, "dur": 1, "tid": 1}])
-    if not __import__("torch").cuda.is_available():
-        proc = subprocess.run([sys.executable, str(BENCH / "investigations" / "step_timeline.py")],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and "step_timeline.py needs a CUDA device" in proc.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        _assert_refuses_without_cuda("step_timeline.py")
 
 
 def test_dispatch_host_cost_times_a_greedy_decode_through_the_fused_dispatch(tmp_path):

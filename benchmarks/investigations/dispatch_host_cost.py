@@ -22,7 +22,9 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
+import sys
 import time
 import warnings
 
@@ -118,8 +120,6 @@ def measure(kind, mode, n=2000):
     return round(best, 1), pstats.Stats(pr).total_calls // 100, layer, call
 
 
-
-
 def generate_ms_per_token(rounds: int) -> dict:
     """Host ms per new token of a batch-1 greedy decode (a 32-new-token generate less a 1-token one, per token),
     median and fastest of `rounds` rounds, each timing every variant once in a shuffled order."""
@@ -128,6 +128,9 @@ def generate_ms_per_token(rounds: int) -> dict:
     import statistics
 
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench_generate import gen_seconds
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=4 * d, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
@@ -141,23 +144,18 @@ def generate_ms_per_token(rounds: int) -> dict:
                              for k, c in configs.items()}}
     ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(0))
 
-    def seconds(model, n):
-        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-                  attention_mask=torch.ones_like(ids))
-        t = time.perf_counter()
-        model.generate(ids, **kw)
-        return time.perf_counter() - t
+    def seconds(model, n):  # bench_generate's timed greedy generate of exactly n new tokens (inference mode)
+        return gen_seconds(model, ids, n, "cpu")
 
     runs = {k: [] for k in nets}
     rng = random.Random(0)
-    with torch.inference_mode():
-        for model in nets.values():
-            seconds(model, 32), seconds(model, 1)
-        for _ in range(rounds):
-            order = list(nets)
-            rng.shuffle(order)
-            for k in order:
-                runs[k].append((seconds(nets[k], 32) - seconds(nets[k], 1)) / 31 * 1e3)
+    for model in nets.values():
+        seconds(model, 32), seconds(model, 1)
+    for _ in range(rounds):
+        order = list(nets)
+        rng.shuffle(order)
+        for k in order:
+            runs[k].append((seconds(nets[k], 32) - seconds(nets[k], 1)) / 31 * 1e3)
     out = {k: {"median_ms": round(statistics.median(v), 3), "fastest_ms": round(min(v), 3)} for k, v in runs.items()}
     from hydralora.tuner import layer as hlayer
 
@@ -169,8 +167,7 @@ def generate_ms_per_token(rounds: int) -> dict:
         return run_plan(*a, **kw)
 
     hlayer.run_plan = counted  # the fused op's entry as the layer calls it: the calls that took the fused path
-    with torch.inference_mode():
-        seconds(nets["ours"], 2)
+    seconds(nets["ours"], 2)
     hlayer.run_plan = run_plan
     out["ours: fused layer calls per forward"] = calls["n"] / 2  # prefill + 1 decode step
     out["ours / peft r8, median"] = round(out["ours"]["median_ms"] / out["peft r8"]["median_ms"], 3)

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _common as C  # noqa: E402
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+TOTALS = ("span_us", "busy_us", "idle_us", "starved_us", "queued_gap_us", "device_events")  # additive per step
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaMemcpyAsync",
                 "cudaMemsetAsync", "cudaGraphLaunch")
 
@@ -100,8 +101,8 @@ def timeline(events: list[dict], top: int = 12, min_gap_us: float = 0.0) -> dict
                              "launched_in": key})
             else:
                 queued += gap
-        busy += max(0.0, s + d - max(s, end)) if s + d > end else 0.0
-        if s + d > end:
+        if s + d > end:  # the part of this event past what the earlier ones covered
+            busy += s + d - max(s, end)
             end = s + d
             prev = e
     span = end - dev[0]["ts"]
@@ -132,13 +133,17 @@ def profile_events(fn, calls: int = 1) -> list[dict]:
             return json.load(f)["traceEvents"]
 
 
-def per_step(summary: dict, steps: int) -> dict:
-    """The totals of a summary divided by `steps` (the lists and tables left as they are)."""
-    out = dict(summary)
-    for k in ("span_us", "busy_us", "idle_us", "starved_us", "queued_gap_us"):
-        out[k] = round(summary[k] / steps, 1)
-    out["device_events"] = round(summary["device_events"] / steps, 1)
+def per_step(long: dict, steps: int, short: dict | None = None) -> dict:
+    """The summary `long` with its totals (TOTALS) less those of `short` (if given), divided by `steps`; the tables
+    and gap lists are long's."""
+    out = dict(long)
+    for k in TOTALS:
+        out[k] = round((long[k] - (short[k] if short else 0)) / steps, 1)
     return out
+
+
+def _show(variant: str, s: dict) -> None:
+    print(variant, {k: s[k] for k in TOTALS if k != "idle_us"}, flush=True)
 
 
 def train_workload(args, variants, dev, dt) -> dict:
@@ -161,8 +166,7 @@ def train_workload(args, variants, dev, dt) -> dict:
         for _ in range(3):
             step()
         out[v] = per_step(timeline(profile_events(step, args.steps)), args.steps)
-        print(v, {k: out[v][k] for k in ("span_us", "busy_us", "starved_us", "queued_gap_us", "device_events")},
-              flush=True)
+        _show(v, out[v])
         del hf, net, trainable, step
         C.free_memory()
     return out
@@ -186,12 +190,8 @@ def decode_workload(args, variants, dev, dt) -> dict:
                 gen = lambda n=n: model.generate(ids, **gen_kwargs(ids, n))  # noqa: E731
                 gen()
                 runs[n] = timeline(profile_events(gen))
-        long, short = runs[args.tokens], runs[1]
-        s = dict(long)
-        for k in ("span_us", "busy_us", "idle_us", "starved_us", "queued_gap_us", "device_events"):
-            s[k] = round((long[k] - short[k]) / (args.tokens - 1), 1)
-        out[v] = s
-        print(v, {k: s[k] for k in ("span_us", "busy_us", "starved_us", "queued_gap_us", "device_events")}, flush=True)
+        out[v] = per_step(runs[args.tokens], args.tokens - 1, short=runs[1])
+        _show(v, out[v])
     return out
 
 
