@@ -418,6 +418,25 @@ def test_usage_weights_masked_and_unmasked_calls_by_their_real_tokens():
     torch.testing.assert_close(layer._usage("default"), layer.route(x2).mean(0))
 
 
+def test_usage_statistics_begun_under_inference_mode_keep_counting_outside_it():
+    """A first call under torch.inference_mode (a generate) makes the usage accumulators: training calls after it
+    add to them and reset_usage clears them (an inference tensor would refuse both)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = hydralora.HydraLinear(nn.Linear(16, 12), "default", HydraLoraConfig(r=4, num_experts=3, target_modules=["x"]))
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        layer.eval()(x)
+    layer.train()
+    layer(x).sum().backward()
+    layer._token_mask = torch.ones(1, 3, dtype=torch.bool)
+    layer(x[None]).sum().backward()  # a masked call: the token count on the device
+    assert float(layer.usage_acc["default"][-1]) + layer._usage_tokens_host["default"] == 9
+    layer.reset_usage()
+    assert layer._usage("default") is None
+
+
 @pytest.mark.parametrize("extra", [{}, {"init_b": "rlora"}], ids=["default", "rlora"])
 def test_no_grad_outputs_follow_in_place_weight_updates(extra):
     """Derived weights reused under no_grad (eval, generate) are rebuilt when a parameter changes in place

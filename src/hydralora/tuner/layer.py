@@ -413,8 +413,11 @@ class HydraLoraLayer(BaseTunerLayer):
         acc = self.usage_acc.get(adapter_name)
         if acc is None or acc.device != device:
             n = self.num_experts[adapter_name]
-            acc = self.usage_acc[adapter_name] = torch.zeros(n + 1, device=device, dtype=torch.float32)
-            self._usage_views[adapter_name] = (acc[:n], acc[n])  # views made once: a slice per call costs host time
+            # Normal tensors even when made under torch.inference_mode (a first generate): an inference tensor, or a
+            # view made there, refuses the in-place updates of later calls outside it (training, reset_usage).
+            with torch.inference_mode(False):
+                acc = self.usage_acc[adapter_name] = torch.zeros(n + 1, device=device, dtype=torch.float32)
+                self._usage_views[adapter_name] = (acc[:n], acc[n])  # made once: a slice per call costs host time
             self._usage_tokens_host.pop(adapter_name, None)
         return acc
 
