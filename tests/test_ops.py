@@ -491,6 +491,44 @@ def test_layer_dispatch_plumbing(monkeypatch):
         assert rel(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_small_calls_without_a_graph_take_one_projection_and_mix(hooked, monkeypatch):
+    """Eval calls without an autograd graph of at most SMALL_CALL_TOKENS tokens (decode steps) go through proj_mix
+    (the PyTorch backend's, forced on the CPU): the eager path's output and usage statistics (padding tokens left out),
+    with the base inside the op or, on a hooked base, added to the base's output, which stays untouched. A larger
+    call takes the general path."""
+    torch.manual_seed(0)
+    layer = make_layer(k=48, d=40, r=4, n=3, temp=0.7).eval()
+    layer.base_layer.bias = nn.Parameter(torch.randn(40), requires_grad=False)
+    seen = []
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda module, args, output: seen.append(output.clone()) or None)
+    mixes = []
+    real_mix = reference.proj_mix
+    monkeypatch.setattr(reference, "proj_mix", lambda *a: mixes.append(a[0].shape[0]) or real_mix(*a))
+    n_max = fops.SMALL_CALL_TOKENS
+    for B, T in ((1, 1), (4, 1), (2, n_max // 2), (1, n_max + 1)):
+        x = torch.randn(B, T, 48)
+        layer._token_mask = (torch.arange(B * T).view(B, T) % 3 != 1)
+        runs = {}
+        for switch in ("0", "1"):
+            if switch == "1":
+                force_dispatch(monkeypatch)
+            else:
+                monkeypatch.setenv("HYDRALORA_FUSED", "0")
+            layer.reset_usage()
+            seen.clear()
+            with torch.inference_mode():
+                out = layer(x)
+            runs[switch] = (out, layer._usage("default"), [t.clone() for t in seen])
+        (o0, u0, s0), (o1, u1, s1) = runs["0"], runs["1"]
+        torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-6)
+        if hooked:  # the base's output the hook saw is what it returned: not written in place
+            torch.testing.assert_close(s1[0], s0[0])
+    assert mixes == [1, 4, n_max], mixes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: Triton kernels
 SHAPES = [(37, 200, 96, 8, 3), (256, 512, 384, 8, 3), (1024, 1024, 640, 16, 4), (1, 576, 576, 8, 3)]
@@ -992,6 +1030,17 @@ for w in (None, torch.arange(T) % 3 != 0):
                   for u, st in zip(usage, (True, False)))
     assert bare[1:] == (None, None, None) and torch.equal(full[0], bare[0]), "stats=False changed z"
     assert torch.equal(usage[0], usage[1]) and usage[0][N] == (T if w is None else int(w.sum())), usage
+# the small-call kernel: the experts' update added into the base output in place, usage counted by one program
+d = 200  # more than one block of output columns
+Bf = torch.randn(d, N * R) * 0.1
+for Tm, w in [(1, None), (5, torch.arange(5) % 2 == 0), (20, None)]:
+    xs, res = x[:Tm].contiguous(), torch.randn(Tm, d)
+    usage = [torch.zeros(N + 1), torch.zeros(N + 1)]
+    ref = reference.proj_mix(xs, res, A, G, Bf, torch.empty_like(res), 2.0, 0.7, usage[0], w)
+    got = res.clone()
+    assert launch.proj_mix(xs, got, A, G, Bf, got, 2.0, 0.7, usage[1], w) is got
+    assert torch.allclose(usage[1], usage[0], rtol=1e-5), "usage counted more than once or not at all"
+    worst = max(worst, ((got - ref).norm() / ref.norm()).item())
 print("WORST", worst)
 """
 
@@ -1014,7 +1063,8 @@ def test_triton_kernels_in_interpreter_match_torch_backend():
 @pytest.mark.parametrize("dropout", [False, True])
 def test_triton_kernels_compile_for_hopper(dropout):
     """Triton's compiler (no GPU needed) builds the kernels for sm_90, with and without the dropout hash (and the
-    usage statistics' atomics), the projection with and without its routing outputs.
+    usage statistics' atomics), the projection with and without its routing outputs, the small-call kernel with
+    and without them.
 
     Catches what the interpreter cannot: Triton 3.x refuses non-constexpr globals inside jit code at compile time.
     """
@@ -1035,8 +1085,11 @@ def test_triton_kernels_compile_for_hopper(dropout):
     bwd_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "BT": 64, "DROPOUT": dropout, "HAS_GL": True, "NEED_DX": True,
              "BK": 64, "KSPLIT": 2}
     sums = {"PART": "*fp32", "DA": "*bf16", "DG": "*bf16", "NB": "i32", "K": "i32", "RN": "i32"}
+    mix = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "BF": "*bf16", "RES": "*bf16", "OUT": "*bf16", "U": "*fp32",
+           "W": "*i1", "T": "i32", "K": "i32", "D": "i32", "scaling": "fp32", "inv_temp": "fp32"}
+    mix_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "COUNT": dropout, "HAS_W": dropout, "BT": 16, "BK": 128, "BD": 64}
     for kernel, args, const in [(tk._proj_fwd, {**fwd, **scalars}, fwd_c), (tk._bwd_x, {**bwd, **scalars}, bwd_c),
-                                (tk._sum_parts, sums, {"R": 8, "BE": 512})]:
+                                (tk._sum_parts, sums, {"R": 8, "BE": 512}), (tk._proj_mix, mix, mix_c)]:
         sig = {**args, **{k: "constexpr" for k in const}}
         src = ASTSource(fn=kernel.fn, signature=sig, constexprs=const)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
@@ -1099,6 +1152,27 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks():
             assert torch.equal(replays[0], eager) and torch.equal(replays[1], eager)
         else:
             assert rel(replays[0], replays[1]) > 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("T,K,d,R,N", [(1, 4096, 4096, 8, 3), (7, 576, 600, 8, 3), (32, 1024, 640, 16, 4)])
+def test_small_call_kernel_matches_the_pytorch_backend(T, K, d, R, N, monkeypatch):
+    """proj_mix on the GPU (first launch through the autotuner, then direct launches): the PyTorch backend's output,
+    in place into the base output or into a new one, and the usage counted once, masked tokens left out."""
+    monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
+    x, A, G, B = _cuda_op_inputs(T, K, d, R, N, seed=6)
+    Bf = reference.flat_B(B).contiguous()
+    w = torch.arange(T, device="cuda") % 3 != 1
+    res = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    u_ref = torch.zeros(N + 1, device="cuda")
+    ref = reference.proj_mix(x, res, A, G, Bf, torch.empty_like(res), 2.0, 0.8, u_ref, w)
+    for in_place in (True, False, True):
+        u = torch.zeros(N + 1, device="cuda")
+        out = res.clone() if in_place else torch.empty_like(res)
+        got = launch.proj_mix(x, out if in_place else res, A, G, Bf, out, 2.0, 0.8, u, w)
+        assert got is out
+        assert rel(got, ref) < 1e-2, rel(got, ref)
+        torch.testing.assert_close(u, u_ref, rtol=1e-4, atol=1e-4)
 
 
 @needs_gpu

@@ -1,6 +1,6 @@
 """Triton kernels of the fused HydraLoRA path (imported only where Triton is available).
 
-Two kernels, each one pass over x (T, K):
+The kernels, each one pass over x (T, K) but _sum_parts:
 
 _proj_fwd: reads x once; h = A (mask * x) / (1 - p) and logits = W_g x by two small tensor-core dots per K tile; the
     epilogue takes the softmax and writes z[t, n*R + j] = scaling * gate[t, n] * h[t, j] (the input of the stacked
@@ -14,6 +14,8 @@ _bwd_x: from dz (T, N*R) rebuilds dh and dlogits per row (softmax backward inclu
     and dW_g = dlogits^T x into one (row blocks, R + N, K) buffer.
 _sum_parts: sums that buffer over its row blocks in fp32 and writes dA and dW_g in the weights' dtype: one launch
     for what a torch reduction, a cast and two slices did in four host calls (deterministic, no atomics).
+_proj_mix: calls of a few tokens without routing outputs (decode steps): h, the gate and the experts' update
+    scaling * sum_n gate_n B_n h added into the base output, in one launch (the B GEMM's too).
 """
 
 from __future__ import annotations
@@ -58,6 +60,28 @@ def _fwd_configs():
     return out
 
 
+@triton.jit
+def _gate(acc_g, inv_temp, N: tl.constexpr, NP: tl.constexpr):
+    """softmax(W_g x / temperature) [BT, NP] fp32 from the raw logits acc_g [BT, NP]: 0 on the padded columns."""
+    jn = tl.arange(0, NP)
+    logits = tl.where(jn[None, :] < N, acc_g * inv_temp, float("-inf"))
+    m = tl.max(logits, 1)
+    e = tl.exp(logits - m[:, None])
+    return e / tl.sum(e, 1)[:, None]
+
+
+@triton.jit
+def _count(gate, rows, rmask, U, W, N: tl.constexpr, NP: tl.constexpr, HAS_W: tl.constexpr):
+    """Usage statistics: U[:N] += sum_t w_t gate[t, :], U[N] += sum_t w_t (w_t = 1 without HAS_W)."""
+    jn = tl.arange(0, NP)
+    if HAS_W:
+        w = tl.load(W + rows, mask=rmask, other=0).to(tl.float32)  # [BT]
+    else:
+        w = rmask.to(tl.float32)  # rows past T hold a uniform gate: weight 0
+    tl.atomic_add(U + jn, tl.sum(gate * w[:, None], 0), mask=jn < N)
+    tl.atomic_add(U + N, tl.sum(w, 0))
+
+
 # restore_value: the autotuner's timing runs must not add to the usage statistics.
 @triton.autotune(configs=_fwd_configs(), key=["K", "TB", "DROPOUT"], restore_value=["U"])
 # A fresh seed per call, or a new token count, must not select (and compile) a new variant: no specialization on
@@ -94,24 +118,15 @@ def _proj_fwd(
             x = tl.where(keep, x, tl.zeros_like(x))
         acc_h = tl.dot(x, a, acc_h)
     h = acc_h * inv_keep
-    raw = acc_g
-    logits = tl.where(jn[None, :] < N, raw * inv_temp, float("-inf"))
-    m = tl.max(logits, 1)
-    e = tl.exp(logits - m[:, None])
-    gate = e / tl.sum(e, 1)[:, None]  # [BT, NP], 0 on padded columns
+    gate = _gate(acc_g, inv_temp, N, NP)  # [BT, NP]
     hmask = rmask[:, None] & (jr[None, :] < R)
     nmask = rmask[:, None] & (jn[None, :] < N)
-    if COUNT:  # usage statistics: U[:N] += sum_t w_t gate[t, :], U[N] += sum_t w_t (w_t = 1 without HAS_W)
-        if HAS_W:
-            w = tl.load(W + rows, mask=rmask, other=0).to(tl.float32)  # [BT]
-        else:
-            w = rmask.to(tl.float32)  # rows past T hold a uniform gate: weight 0
-        tl.atomic_add(U + jn, tl.sum(gate * w[:, None], 0), mask=jn < N)
-        tl.atomic_add(U + N, tl.sum(w, 0))
+    if COUNT:
+        _count(gate, rows, rmask, U, W, N, NP, HAS_W)
     if STATS:  # for backward and the layer's losses; a call without an autograd graph in eval needs only z
         tl.store(H + rows[:, None] * R + jr[None, :], h, mask=hmask)
         tl.store(P + rows[:, None] * N + jn[None, :], gate, mask=nmask)
-        tl.store(L + rows[:, None] * N + jn[None, :], raw, mask=nmask)
+        tl.store(L + rows[:, None] * N + jn[None, :], acc_g, mask=nmask)
     for n in tl.static_range(N):  # z[:, n*R:(n+1)*R] = scaling * gate[:, n] * h (2-D tiles: no 3-D register blocks)
         gn = tl.sum(tl.where(jn[None, :] == n, gate, 0.0), 1)  # [BT]
         zn = (gn * scaling)[:, None] * h
@@ -207,3 +222,48 @@ def _sum_parts(PART, DA, DG, NB, K, RN, R: tl.constexpr, BE: tl.constexpr):
     in_a = e < R * K
     tl.store(DA + e, acc.to(DA.dtype.element_ty), mask=emask & in_a)
     tl.store(DG + (e - R * K), acc.to(DG.dtype.element_ty), mask=emask & (e >= R * K))
+
+
+# One fixed config (see _sum_parts): the kernel runs at decode sizes only, where the host, not the GPU, sets the pace.
+@triton.autotune(configs=[triton.Config({"BK": 128, "BD": 64}, num_warps=4, num_stages=3)], key=["K", "D"])
+@triton.jit(do_not_specialize=["T"])
+def _proj_mix(
+    X, A, G, BF, RES, OUT, U, W, T, K, D, scaling, inv_temp,
+    R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+):
+    """OUT[:, cols] = RES[:, cols] + scaling * sum_n gate[:, n] (h BF[cols, n*R:(n+1)*R]^T) for one block of BD
+    output columns, all T <= BT tokens: each program recomputes h = A x and the gate (T x K reads, cheap at decode
+    sizes) and adds the experts' update into the base output itself, so the stacked B GEMM needs no launch of its
+    own. z is rounded to x's dtype before the B product, as in the cuBLAS path. OUT may be RES."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BT)
+    rmask = rows < T
+    jr = tl.arange(0, RP)
+    jn = tl.arange(0, NP)
+    acc_h = tl.zeros([BT, RP], dtype=tl.float32)
+    acc_g = tl.zeros([BT, NP], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)  # [BK, RP]
+        g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
+        acc_g = tl.dot(x, g, acc_g)  # [BT, NP]
+        acc_h = tl.dot(x, a, acc_h)  # [BT, RP]
+    gate = _gate(acc_g, inv_temp, N, NP)  # [BT, NP]
+    if COUNT:
+        if pid == 0:  # every program holds the same gate: one counts it
+            _count(gate, rows, rmask, U, W, N, NP, HAS_W)
+    dcols = pid * BD + tl.arange(0, BD)
+    dmask = dcols < D
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for n in tl.static_range(N):
+        gn = tl.sum(tl.where(jn[None, :] == n, gate, 0.0), 1)  # [BT]
+        zn = ((gn * scaling)[:, None] * acc_h).to(X.dtype.element_ty)  # [BT, RP]
+        b = tl.load(BF + dcols[None, :] * (N * R) + n * R + jr[:, None], mask=(jr[:, None] < R) & dmask[None, :],
+                    other=0.0)  # [RP, BD]
+        acc = tl.dot(zn, b, acc)  # [BT, BD]
+    omask = rmask[:, None] & dmask[None, :]
+    res = tl.load(RES + rows[:, None] * D + dcols[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * D + dcols[None, :], (res + acc).to(OUT.dtype.element_ty), mask=omask)

@@ -161,6 +161,26 @@ class _HydraFused(torch.autograd.Function):
                 dG if dG.dtype == G.dtype else dG.to(G.dtype), dB, None, None, None)
 
 
+# Calls of at most this many tokens without routing outputs (decode steps) take _small_call: at these sizes the host's
+# launches, not the GPU, set the pace.
+SMALL_CALL_TOKENS = 32
+
+
+def _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts) -> torch.Tensor:
+    """out (T, d) of a call without an autograd graph or routing outputs, T <= SMALL_CALL_TOKENS: the base GEMM (where
+    the op owns it), then one kernel that projects, routes and adds the experts' update into that output in place
+    (two launches where _forward makes three)."""
+    if res2 is None:
+        out = F.linear(x2, W0, bias)  # (T, d)
+        res = out
+    else:
+        res = res2 if res2.is_contiguous() else res2.contiguous()  # (T, d)
+        out = torch.empty_like(res)  # (T, d): the caller's result stays as it was
+    kernels = launch if c.triton else reference
+    return kernels.proj_mix(x2, res, A, G, Bf if Bf.is_contiguous() else Bf.contiguous(), out, c.scaling, c.inv_temp,
+                            usage, weights)  # (T, d)
+
+
 def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=None, Bf=None, stats=True):
     """The op on 2-D operands, unchecked: x2 (T, K) contiguous, every GEMM operand in one dtype, A and G
     contiguous. Bf: B's flat (d, N*R) matrix kept by the caller for calls without an autograd graph, else None.
@@ -170,6 +190,8 @@ def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=No
         return _HydraFused.apply(x2, res2, W0, bias, A, G, B, usage, weights, c)
     if Bf is None:
         Bf = reference.flat_B(B)  # (d, N*R)
+    if not stats and not c.dropout and x2.shape[0] <= SMALL_CALL_TOKENS:
+        return _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c), None, None
     return _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c, stats)[:3]  # no graph: no autograd Function
 
 

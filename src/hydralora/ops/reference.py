@@ -2,6 +2,7 @@
 runs on the CPU, on any float dtype and in CI.
 
     proj:   z = scaling * gate (x) h,  h = A dropout(x) / (1 - p),  gate = softmax(W_g x / temperature)
+    proj_mix: res + z B_flat^T without dropout, for calls of a few tokens (decode steps)
     bwd_x:  dx, dA, dW_g from dz = dout B_flat (softmax backward included)
 
 The dropout mask is a counter-based hash of (seed, index of a pair of neighbouring columns), never stored: backward
@@ -80,6 +81,13 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
     if usage is not None:
         add_usage(usage[:N], usage[N], gate, weights)
     return (z, h, gate, raw) if stats else (z, None, None, None)
+
+
+def proj_mix(x2, res, A, G, Bf, out, scaling, inv_temp, usage=None, weights=None):
+    """The small-call kernel's function: out (T, d) = res + scaling * sum_n gate_n B_n A x2 (no dropout), z rounded
+    to x's dtype before the B product; out may be res. Returns out."""
+    z = proj(x2, A, G, None, 0, 1.0, scaling, inv_temp, False, usage, weights, stats=False)[0]  # (T, N*R)
+    return torch.add(res, F.linear(z, Bf).to(res.dtype), out=out)  # (T, d)
 
 
 def bwd_x(x2, dz, h, gate, gl, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, need_dx):
