@@ -61,6 +61,21 @@ def _fwd_configs():
 
 
 @triton.jit
+def _x_tiles(X, A, G, rows, rmask, k0, K, R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
+             BK: tl.constexpr):
+    """The K tile k0 .. k0 + BK of x's rows [BT, BK], of A transposed [BK, RP] and of W_g transposed [BK, NP]: zero
+    past T, K, R and N."""
+    cols = k0 + tl.arange(0, BK)
+    cmask = cols < K
+    jr = tl.arange(0, RP)
+    jn = tl.arange(0, NP)
+    x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)
+    g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)
+    return x, a, g
+
+
+@triton.jit
 def _gate(acc_g, inv_temp, N: tl.constexpr, NP: tl.constexpr):
     """softmax(W_g x / temperature) [BT, NP] fp32 from the raw logits acc_g [BT, NP]: 0 on the padded columns."""
     jn = tl.arange(0, NP)
@@ -107,11 +122,7 @@ def _proj_fwd(
             s1 = tl.load(S).to(tl.int32)
             s2 = tl.load(S + 1).to(tl.int32)
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)  # [BK, RP]
-        g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
+        x, a, g = _x_tiles(X, A, G, rows, rmask, k0, K, R, N, RP, NP, BK)  # [BT, BK], [BK, RP], [BK, NP]
         acc_g = tl.dot(x, g, acc_g)
         if DROPOUT:
             keep = _keep(rows, k0, K, s1, s2, thr, BK)
@@ -244,11 +255,7 @@ def _proj_mix(
     acc_h = tl.zeros([BT, RP], dtype=tl.float32)
     acc_g = tl.zeros([BT, NP], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < K
-        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        a = tl.load(A + jr[None, :] * K + cols[:, None], mask=(jr[None, :] < R) & cmask[:, None], other=0.0)  # [BK, RP]
-        g = tl.load(G + jn[None, :] * K + cols[:, None], mask=(jn[None, :] < N) & cmask[:, None], other=0.0)  # [BK, NP]
+        x, a, g = _x_tiles(X, A, G, rows, rmask, k0, K, R, N, RP, NP, BK)  # [BT, BK], [BK, RP], [BK, NP]
         acc_g = tl.dot(x, g, acc_g)  # [BT, NP]
         acc_h = tl.dot(x, a, acc_h)  # [BT, RP]
     gate = _gate(acc_g, inv_temp, N, NP)  # [BT, NP]
