@@ -1172,7 +1172,10 @@ def test_small_call_kernel_matches_the_pytorch_backend(T, K, d, R, N, monkeypatc
         got = launch.proj_mix(x, out if in_place else res, A, G, Bf, out, 2.0, 0.8, u, w)
         assert got is out
         assert rel(got, ref) < 1e-2, rel(got, ref)
-        torch.testing.assert_close(u, u_ref, rtol=1e-4, atol=1e-4)
+        assert float(u[N]) == float(w.sum())  # the real tokens, counted once
+        # the gate sums: the reference's gate comes from bf16-rounded logits, the kernel's from fp32 ones
+        torch.testing.assert_close(u[:N], u_ref[:N], rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(u[:N].sum(), u[N], rtol=1e-4, atol=1e-4)  # each counted token's gate sums to 1
 
 
 @needs_gpu
