@@ -9,7 +9,8 @@ Every adapted variant is built as users build it, with peft.get_peft_model and a
 PeftModel. Default variants: base (the frozen projection), peft r8, ours (HydraLoRA, the default dispatch: the fused
 op on CUDA), ours eager (HYDRALORA_FUSED=0). Others by --variants: peft r16, peft r32, authors (the authors'
 formulation), ours layer (the tuner layer called directly, without the PeftModel), ours fused delta (a hook on the
-base keeps base_layer(x), then the delta op), ours compile (torch.compile of the eager layer).
+base keeps base_layer(x), then the delta op), ours compile (torch.compile of the eager layer), ours svd and ours svd
+eager (the hydralora-best preset's adapter: SVD init, whose frozen offset the op runs stacked, temperature 0.1).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import _common as C
 from authors_formulation import AuthorsHydraLinear
 
 DEFAULT_VARIANTS = ["base", "peft r8", "ours", "ours eager"]
-OTHER_VARIANTS = ["peft r16", "peft r32", "authors", "ours layer", "ours fused delta", "ours compile"]
+OTHER_VARIANTS = ["peft r16", "peft r32", "authors", "ours layer", "ours fused delta", "ours compile", "ours svd",
+                  "ours svd eager"]
 
 
 class One(nn.Module):
@@ -35,7 +37,7 @@ class One(nn.Module):
 
 def switch_for(variant: str):
     """The HYDRALORA_FUSED value a variant runs under (None: unset, the default)."""
-    return "0" if variant in ("ours eager", "ours compile") else None
+    return "0" if variant in ("ours eager", "ours compile", "ours svd eager") else None
 
 
 def build(variant, k, d, dev, dt, args):
@@ -61,11 +63,14 @@ def build(variant, k, d, dev, dt, args):
         trainable = [p for p in layer.parameters() if p.requires_grad]
         C.adapter_dtype_(trainable, args)
         return layer, trainable
+    svd = variant.startswith("ours svd")
+    preset = dict(init_b="svd", init_a="svd", router_temperature=0.1) if svd else {}
     cfg = hydralora.HydraLoraConfig(r=args.r, num_experts=args.experts, lora_dropout=args.dropout,
-                                    target_modules=["proj"])
+                                    target_modules=["proj"], **preset)
     pm = C.get_peft_model(one, cfg, args)
     layer = pm.base_model.model.proj
-    C.randomize_(list(layer.hydralora_B.values()))
+    if not svd:  # (SVD init starts the experts non-zero)
+        C.randomize_(list(layer.hydralora_B.values()))
     trainable = [p for p in pm.parameters() if p.requires_grad]
     if variant == "ours compile":
         return torch.compile(layer), trainable

@@ -8,8 +8,9 @@ For each of {q_proj+v_proj, all-linear} x {no checkpointing, gradient checkpoint
 of the model, built with peft.get_peft_model and a default config (LoraConfig(r=8, lora_dropout=0.05),
 HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05)); a step = forward, loss, backward, AdamW over the adapter
 parameters, zero_grad. Variants: base (frozen, backward to the embeddings), peft r8, ours (the default dispatch);
-by --variants also peft r18 (LoRA at about ours' trainable parameters), ours eager (HYDRALORA_FUSED=0) and authors
-(the authors' formulation). Peak memory: the step's peak over what was allocated before it, plus the variant's own
+by --variants also peft r18 (LoRA at about ours' trainable parameters), ours eager (HYDRALORA_FUSED=0), authors
+(the authors' formulation), ours svd and ours svd eager (the hydralora-best preset's adapter: SVD init, whose frozen
+offset the op runs stacked, router temperature 0.1). Peak memory: the step's peak over what was allocated before it, plus the variant's own
 weights and optimizer state (the copies of the other variants are resident too).
 """
 
@@ -24,7 +25,7 @@ from authors_formulation import apply_authors
 
 # "peft r18": LoRA with about HydraLoRA r=8, N=3's trainable parameters on these shapes (q+v 2.36M vs 2.29M,
 # all-linear 11.24M vs 11.29M): the matched-parameter peer, beside the r=8 peer the targets name.
-VARIANTS = ["base", "peft r8", "peft r18", "ours", "ours eager", "authors"]
+VARIANTS = ["base", "peft r8", "peft r18", "ours", "ours eager", "authors", "ours svd", "ours svd eager"]
 
 
 def make_model(args, dev, dt):
@@ -63,10 +64,13 @@ def attach(variant, model, targets, args):
         trainable = [p for m in mods for p in m.parameters() if p.requires_grad]
         C.adapter_dtype_(trainable, args)
         return model, trainable
+    svd = variant.startswith("ours svd")
+    preset = dict(init_b="svd", init_a="svd", router_temperature=0.1) if svd else {}
     cfg = hydralora.HydraLoraConfig(r=8, num_experts=args.experts, lora_dropout=args.dropout, target_modules=tm,
-                                    task_type="CAUSAL_LM")
+                                    task_type="CAUSAL_LM", **preset)
     pm = C.get_peft_model(model, cfg, args)
-    C.randomize_([p for _, layer in hydralora.hydra_layers(pm) for p in layer.hydralora_B.values()])
+    if not svd:  # (SVD init starts the experts non-zero)
+        C.randomize_([p for _, layer in hydralora.hydra_layers(pm) for p in layer.hydralora_B.values()])
     return pm, [p for p in pm.parameters() if p.requires_grad]
 
 
@@ -145,7 +149,7 @@ def main():
                     loss.backward()
 
                 step = C.trainer_step(forward_backward, trainable, args.optim)
-                ctx = (lambda s="0" if v == "ours eager" else None: C.fused_switch(s))
+                ctx = (lambda s="0" if v.endswith("eager") else None: C.fused_switch(s))
                 try:
                     with ctx():
                         for _ in range(args.warmup):  # autotuning, AdamW state, allocator

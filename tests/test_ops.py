@@ -316,10 +316,11 @@ def test_fused_supported_rules(monkeypatch):
 def test_fused_supported_rules_past_the_device_check(monkeypatch):
     """The rules behind the device check, on the CPU (x reports is_cuda): bf16 GEMMs with dense token routing by a
     router on x qualify, and so do fp32 weights under a bf16 autocast; fp32 without autocast, a weight in another
-    dtype, top-k, a router on A's output, R-LoRA's init offset, expert dropout and fixed routing do not."""
+    dtype, top-k, a router on A's output, expert dropout and fixed routing do not. An init offset (R-LoRA, SVD init)
+    qualifies while its stacked rank 2r fits the kernels (<= 64)."""
     lay, f32 = make_layer(dtype=torch.bfloat16), make_layer()
     others = [make_layer(dtype=torch.bfloat16, **extra) for extra in
-              ({"top_k": 2}, {"router_input": "lora_a"}, {"init_b": "rlora"}, {"expert_dropout": True})]
+              ({"top_k": 2}, {"router_input": "lora_a"}, {"expert_dropout": True}, {"init_b": "rlora", "r": 33})]
     x = torch.randn(4, 48, dtype=torch.bfloat16)
     monkeypatch.setenv("HYDRALORA_FUSED", "1")
     monkeypatch.setattr(fops, "HAS_TRITON", True)
@@ -335,6 +336,7 @@ def test_fused_supported_rules_past_the_device_check(monkeypatch):
         assert planned(f32, x.float())
     for other in others:
         assert not planned(other, x), other.hconfig["default"]
+    assert planned(make_layer(dtype=torch.bfloat16, init_b="rlora", r=32), x)
     hydralora.set_routing(nn.Sequential(lay), "fixed", "mean")
     assert not planned(lay, x)
 
@@ -491,6 +493,49 @@ def test_layer_dispatch_plumbing(monkeypatch):
         assert rel(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("init_b,own_base,amp", [("svd", False, False), ("svd", True, False),
+                                                 ("rlora", True, False), ("svd", True, True)])
+def test_layer_with_an_init_offset_runs_the_fused_op_on_stacked_factors(init_b, own_base, amp, monkeypatch):
+    """An adapter with a frozen init offset (update sum_i w_i (B_i A - B0_i A0)) runs the fused op (PyTorch backend,
+    forced on the CPU) on A and B stacked with the offset: the eager layer's output, gradients and usage in a train
+    step (fp32 weights under a bf16 autocast too), and its output in no-grad calls, small (decode) and large."""
+    layer = make_layer(temp=0.1, init_b=init_b, init_a="svd" if init_b == "svd" else "kaiming").train()
+    assert layer._init_offset("default") is not None
+    if not own_base:  # a hooked base keeps base_layer(x) + delta
+        layer.base_layer.register_forward_hook(lambda module, args, output: None)
+    ranks = []
+    real = dispatch.fused_apply
+    monkeypatch.setattr(dispatch, "fused_apply", lambda *a, **k: ranks.append(a[4].shape[0]) or real(*a, **k))
+    force_dispatch(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 48, generator=gen).to(torch.bfloat16 if amp else torch.float32).requires_grad_()
+    dy = torch.randn(2, 6, 40, generator=gen)
+    res = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("HYDRALORA_FUSED", switch)
+        layer.reset_usage()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, g = run_reference(layer, x, dy)
+        res[switch] = (out, g, layer._usage("default"))
+    assert ranks == [8], ranks  # one fused call, on the stacked rank 2r
+    (o0, g0, u0), (o1, g1, u1) = res["0"], res["1"]
+    tol = 2e-2 if amp else 1e-5
+    assert rel(o1, o0) < tol and torch.allclose(u1, u0, atol=1e-2 if amp else 1e-6)
+    for name, a, b in zip(["x", "A", "W_g", "B"], g1, g0):
+        assert a.shape == b.shape and a.dtype == b.dtype and rel(a, b) < tol, name
+    assert all(t.grad is None for t in layer.hydralora_init.values())
+    layer.eval()
+    for T in (1, 40):  # a decode-sized call (one projection-and-mix) and the general no-grad path
+        xe = torch.randn(2, T, 48, generator=gen)
+        outs = {}
+        for switch in ("0", "1"):
+            monkeypatch.setenv("HYDRALORA_FUSED", switch)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                outs[switch] = layer(xe)
+        assert rel(outs["1"], outs["0"]) < tol, T
+    assert ranks == [8, 8, 8], ranks
+
+
 @pytest.mark.parametrize("hooked", [False, True])
 def test_small_calls_without_a_graph_take_one_projection_and_mix(hooked, monkeypatch):
     """Eval calls without an autograd graph of at most SMALL_CALL_TOKENS tokens (decode steps) go through proj_mix
@@ -601,8 +646,8 @@ def test_triton_under_autocast_with_fp32_adapter(own_base, monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("amp", [False, True])
-def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
+@pytest.mark.parametrize("amp,init", [(False, "zeros"), (True, "zeros"), (False, "svd"), (True, "svd")])
+def test_layer_dispatch_on_gpu_matches_eager(amp, init, monkeypatch):
     """HydraLinear's own forward with the dispatch on (HYDRALORA_FUSED=1) and off, each against a float64 copy of the
     layer: the fused path must be about as accurate as the eager path it replaces. (Comparing the two bf16 paths
     with each other measured rel 0.0248 on x's gradient on an H100 and 0.0258 on W_g's on an H200: two bf16 errors
@@ -610,7 +655,9 @@ def test_layer_dispatch_on_gpu_matches_eager(amp, monkeypatch):
     import copy
 
     T, k, d, r, n = SHAPES[2]
-    layer = make_layer(k=k, d=d, r=r, n=n, temp=0.7, device="cuda", dtype=torch.float32 if amp else torch.bfloat16).train()
+    offset = dict(init_b="svd", init_a="svd") if init == "svd" else {}  # SVD init: the op runs on stacked factors
+    layer = make_layer(k=k, d=d, r=r, n=n, temp=0.7, device="cuda", dtype=torch.float32 if amp else torch.bfloat16,
+                       **offset).train()
     layer.base_layer.to(torch.bfloat16)
     x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
     dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)

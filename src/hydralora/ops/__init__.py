@@ -2,7 +2,7 @@
 code (launch) and the PyTorch reference math (reference)."""
 
 from .dispatch import FusedPlan, base_hooked, fused_enabled, plan_fused, run_plan
-from .fused import HAS_TRITON, fused_supported, hydra_delta_fused, hydra_linear_fused
+from .fused import HAS_TRITON, fused_supported, hydra_delta_fused, hydra_linear_fused, stack_init_offset
 from .reference import add_usage, flat_B
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "hydra_linear_fused",
     "plan_fused",
     "run_plan",
+    "stack_init_offset",
 ]

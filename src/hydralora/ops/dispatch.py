@@ -64,6 +64,7 @@ class FusedPlan(NamedTuple):
     cast: bool  # some operand is in another dtype (autocast): cast to `dtype` per call (the weights change)
     consts: OpConsts
     weight_dtypes: tuple  # (A, W_g, B) dtypes the plan was made for: a plan is stale once they differ
+    init_offset: bool  # the layer runs (A, B) stacked with a frozen init offset (run_plan's `factors`)
 
 
 def plan_fused(
@@ -107,7 +108,7 @@ def plan_fused(
                 return None
     cast = any(t.dtype != dt for t in operands)
     consts = op_consts(scaling, temperature, dropout_p, training, fused.use_triton(x, dt, "auto"))
-    return FusedPlan(name, A, W_g, B, base, dt, cast, consts, (A.dtype, W_g.dtype, B.dtype))
+    return FusedPlan(name, A, W_g, B, base, dt, cast, consts, (A.dtype, W_g.dtype, B.dtype), init_offset)
 
 
 def base_hooked(plan: FusedPlan) -> bool:
@@ -123,16 +124,20 @@ def base_hooked(plan: FusedPlan) -> bool:
 
 def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = None,
              usage: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
-             B_flat: Optional[torch.Tensor] = None,
-             stats: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+             B_flat: Optional[torch.Tensor] = None, stats: bool = True,
+             factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The planned op for x (..., K): base(x) (a plan with a base) or result (..., d), plus the adapter's update.
     usage: as hydra_delta_fused's (the caller keeps the accumulator, so it is not re-checked here); token_weights:
     x's leading shape, on x's device (the caller matched them); B_flat: B's (d, N*R) matrix kept by the caller for
     calls without an autograd graph; stats=False, for calls without a graph that record nothing: raw and gate come
-    back None. Returns (out (..., d), raw logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over
+    back None; factors: the (A, B) to run in place of the plan's, for a layer with an init offset (its weights
+    stacked with the frozen offset by fused.stack_init_offset; B_flat then is that B's). Returns (out (..., d), raw logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over
     x's T = prod(leading dims) tokens (the layer's statistics and losses read them flat; two views per call cost
     host time)."""
     A, W_g, B, base = plan.A, plan.W_g, plan.B, plan.base
+    if factors is not None:
+        A, B = factors  # (R', K), (N, d, R')
     W0 = bias = None
     if base is not None:
         params = base._parameters  # nn.Module.__getattr__ costs a Python call per attribute, per layer call

@@ -197,6 +197,17 @@ def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=No
 
 # --------------------------------------------------------------------------------------------------------------
 # checked entry points
+def stack_init_offset(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor,
+                      neg_B0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's operands for a layer with a frozen init offset (R-LoRA, SVD init), whose update is
+    sum_i w_i (B_i A - B0_i A0) dropout(x): A' = [A; A0] (2R, K) and B'_i = [B_i, -B0_i] (N, d, 2R), so that
+    B'_i A' = B_i A - B0_i A0 with one dropout mask for both, as the eager layer applies it. Differentiable in A and
+    B (their gradients are the first R rows / columns of the op's); A0 and neg_B0 = -B0 are constants. B' keeps
+    the layer's storage order of B, (d, N, 2R), so that the op's flat (d, N*2R) matrix is a view of it."""
+    B2 = torch.cat([B.permute(1, 0, 2), neg_B0.permute(1, 0, 2)], 2)  # (d, N, 2R)
+    return torch.cat([A, A0], 0), B2.permute(1, 0, 2)  # (2R, K), (N, d, 2R)
+
+
 def gemm_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:
     """(the dtype the GEMMs run in, autocast on): autocast's dtype where it is on for x's device (as F.linear would
     cast), else x's own."""
@@ -334,7 +345,8 @@ def fused_supported(
     """True where the Triton fast path computes exactly the layer's function: CUDA, GEMMs in bf16/fp16 (x, A, W_g,
     B and result in one such dtype, or any float dtypes under a bf16/fp16 autocast, which the eager layer's GEMMs
     would follow too), dense softmax token routing by a router on x, no top-k, no masked experts at inference, no
-    init offset (R-LoRA, SVD init), one shared dropout mask, r <= 64, N <= 16, 0 < x.numel() < 2**31."""
+    one shared dropout mask, r <= 64 (with an init offset, R-LoRA or SVD init: 2r <= 64, the op then running on the
+    operands of `stack_init_offset`), N <= 16, 0 < x.numel() < 2**31."""
     if not (HAS_TRITON and x.is_cuda):
         return False
     if result is not None:
@@ -359,11 +371,12 @@ def supported(x, A, W_g, B, *, router_input, routing_mode, top_k, num_experts, m
     if not ((x.is_floating_point() and A.is_floating_point() and W_g.is_floating_point() and B.is_floating_point())
             if amp else (x.dtype == dt and A.dtype == dt and W_g.dtype == dt and B.dtype == dt)):
         return False
-    if router_input != "x" or routing_mode != "token" or init_offset or expert_dropout:
+    if router_input != "x" or routing_mode != "token" or expert_dropout:
         return False
     n = W_g.shape[0]
     if top_k is not None and top_k < (num_experts or n):
         return False
     if masked_experts and not training:
         return False
-    return A.shape[0] <= 64 and n <= 16 and W_g.shape[1] == x.shape[-1]
+    rank = A.shape[0] * (2 if init_offset else 1)  # the offset's frozen A0 stacks under A
+    return rank <= 64 and n <= 16 and W_g.shape[1] == x.shape[-1]

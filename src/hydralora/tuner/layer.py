@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from transformers.pytorch_utils import Conv1D
 
 from ..compile_check import check_training_compile
-from ..ops import FusedPlan, base_hooked, dispatch as _dispatch, plan_fused, run_plan
+from ..ops import FusedPlan, base_hooked, dispatch as _dispatch, plan_fused, run_plan, stack_init_offset
 from ..ops.dispatch import fused_switch
 from ..ops.fused import capturing as _capturing
 from ..ops.reference import add_usage, flat_B as _flat_B
@@ -527,18 +527,40 @@ class HydraLoraLayer(BaseTunerLayer):
         usage, weights = self._usage_target(name, x)
         grad = torch.is_grad_enabled()
         B_flat = None
-        if not grad:
+        if not grad and not plan.init_offset:
             B = plan.B
             B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
         # Eval without a graph (generation): no loss to record and the usage counted inside the op, so the op
         # writes no routing outputs (logits and gate None).
+        factors = None
+        if plan.init_offset:
+            factors, B_flat = self._offset_factors(plan, grad)  # (2r, k), (N, d, 2r); (d, N*2r) or None
         stats = grad or self.training
-        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats)  # (..., d), (T, N), (T, N)
+        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats,
+                                     factors)  # (..., d), (T, N), (T, N)
         if stats:
             self._record(name, logits, gate, x, counted=usage is not None)
         elif self._recording:  # what _record stores in eval: no losses
             self.last_aux_loss[name] = self.last_route_loss[name] = None
         return out
+
+    def _offset_factors(self, plan: FusedPlan, grad: bool):
+        """((A', B'), B'_flat or None): the op's operands for an adapter with a frozen init offset (R-LoRA, SVD init),
+        its A and B stacked with the offset (hydralora.ops.stack_init_offset). The offset's constants (A0 and -B0 in
+        the weights' dtypes) are made once per buffer version; without an autograd graph the stacked operands and
+        B's flat matrix are kept too."""
+        name, A, B = plan.name, plan.A, plan.B
+        A0, B0 = self._init_offset(name)
+        A0c, neg_B0 = self._eval_cached(name + ".offset", (A0, B0),
+                                        lambda: (A0.to(A.dtype), -B0.to(B.dtype)), constant=True)  # (r, k), (N, d, r)
+        if grad:
+            return stack_init_offset(A, B, A0c, neg_B0), None
+
+        def build():
+            A2, B2 = stack_init_offset(A, B, A0c, neg_B0)  # (2r, k), (N, d, 2r)
+            return (A2, B2), _flat_B(B2)  # (d, N*2r): a view of B'
+
+        return self._eval_cached(name + ".AB+offset", (A, B, A0c, neg_B0), build)
 
     def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
              offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
@@ -573,15 +595,16 @@ class HydraLoraLayer(BaseTunerLayer):
             return torch.addmm(y2, z2, B_flat.t(), alpha=scaling).view(result.shape)  # (..., d)
         return result + (F.linear(z, B_flat) * scaling).to(result.dtype)  # (..., d)
 
-    def _eval_cached(self, key: str, params: tuple[torch.Tensor, ...], build):
-        """build() once per weight version while no autograd graph is recorded (generation, eval).
+    def _eval_cached(self, key: str, params: tuple[torch.Tensor, ...], build, constant: bool = False):
+        """build() once per weight version while no autograd graph is recorded (generation, eval); with constant=True
+        (build reads only tensors that do not train) whether or not a graph is recorded.
 
         Parameters change only in place (optimizer steps, load_state_dict) or by moving, which bump `_version` or
         change `data_ptr`; either invalidates the entry. With grad enabled nothing is cached (the graph is needed).
         Sharded engines that rewrite a parameter's storage without an in-place op (not seen with DDP; unverified
         for FSDP evaluation between steps) would defeat the stamp: `layer._weight_cache.clear()` resets it.
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (torch.is_grad_enabled() and not constant) or torch.compiler.is_compiling():
             return build()  # under torch.compile the graph holds the build, and data_ptr stamps would break it
         try:
             stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
