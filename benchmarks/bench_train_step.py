@@ -10,8 +10,8 @@ HydraLoraConfig(r=8, num_experts=3, lora_dropout=0.05)); a step = forward, loss,
 parameters, zero_grad. Variants: base (frozen, backward to the embeddings), peft r8, ours (the default dispatch);
 by --variants also peft r18 (LoRA at about ours' trainable parameters), ours eager (HYDRALORA_FUSED=0), authors
 (the authors' formulation), ours svd and ours svd eager (the hydralora-best preset's adapter: SVD init, whose frozen
-offset the op runs stacked, router temperature 0.1). Peak memory: the step's peak over what was allocated before it, plus the variant's own
-weights and optimizer state (the copies of the other variants are resident too).
+offset the op runs stacked, router temperature 0.1). Peak memory: the step's peak over what was allocated before it,
+plus the variant's own weights and optimizer state (the copies of the other variants are resident too).
 """
 
 from __future__ import annotations

@@ -132,9 +132,9 @@ def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = 
     x's leading shape, on x's device (the caller matched them); B_flat: B's (d, N*R) matrix kept by the caller for
     calls without an autograd graph; stats=False, for calls without a graph that record nothing: raw and gate come
     back None; factors: the (A, B) to run in place of the plan's, for a layer with an init offset (its weights
-    stacked with the frozen offset by fused.stack_init_offset; B_flat then is that B's). Returns (out (..., d), raw logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over
-    x's T = prod(leading dims) tokens (the layer's statistics and losses read them flat; two views per call cost
-    host time)."""
+    stacked with the frozen offset by fused.stack_init_offset; B_flat then is that B's). Returns (out (..., d), raw
+    logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over x's T = prod(leading dims) tokens (the
+    layer's statistics and losses read them flat; two views per call cost host time)."""
     A, W_g, B, base = plan.A, plan.W_g, plan.B, plan.base
     if factors is not None:
         A, B = factors  # (R', K), (N, d, R')
