@@ -498,7 +498,8 @@ def test_layer_dispatch_plumbing(monkeypatch):
 def test_layer_with_an_init_offset_runs_the_fused_op_on_stacked_factors(init_b, own_base, amp, monkeypatch):
     """An adapter with a frozen init offset (update sum_i w_i (B_i A - B0_i A0)) runs the fused op (PyTorch backend,
     forced on the CPU) on A and B stacked with the offset: the eager layer's output, gradients and usage in a train
-    step (fp32 weights under a bf16 autocast too), and its output in no-grad calls, small (decode) and large."""
+    step (fp32 weights under a bf16 autocast too), and its output in no-grad calls, small (decode) and large, whose
+    stacked factors are built once, also under torch.inference_mode (which a first generate may run before training)."""
     layer = make_layer(temp=0.1, init_b=init_b, init_a="svd" if init_b == "svd" else "kaiming").train()
     assert layer._init_offset("default") is not None
     if not own_base:  # a hooked base keeps base_layer(x) + delta
@@ -510,6 +511,10 @@ def test_layer_with_an_init_offset_runs_the_fused_op_on_stacked_factors(init_b, 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 6, 48, generator=gen).to(torch.bfloat16 if amp else torch.float32).requires_grad_()
     dy = torch.randn(2, 6, 40, generator=gen)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        layer.eval()(x)  # the offset's constants made here serve the training calls below
+    layer.train()
+    ranks.clear()
     res = {}
     for switch in ("0", "1"):
         monkeypatch.setenv("HYDRALORA_FUSED", switch)
@@ -530,10 +535,15 @@ def test_layer_with_an_init_offset_runs_the_fused_op_on_stacked_factors(init_b, 
         outs = {}
         for switch in ("0", "1"):
             monkeypatch.setenv("HYDRALORA_FUSED", switch)
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 outs[switch] = layer(xe)
         assert rel(outs["1"], outs["0"]) < tol, T
     assert ranks == [8, 8, 8], ranks
+    if not amp:  # (under autocast the op casts the stacked factors per call)
+        kept = layer._weight_cache["default.AB+offset"][1]
+        with torch.inference_mode():
+            layer(xe)
+        assert layer._weight_cache["default.AB+offset"][1] is kept
 
 
 @pytest.mark.parametrize("hooked", [False, True])

@@ -12,10 +12,15 @@ which is the host side of a GPU launch less Triton's launcher; train calls are t
 backward apart.
 
     python benchmarks/investigations/dispatch_host_cost.py --generate --stub-kernels
+    python benchmarks/investigations/dispatch_host_cost.py --stub-kernels --features 32 --kinds "peft,ours svd,ours svd eager"
 
 --generate times bench_generate.py's batch-1 greedy decode instead (q_proj and v_proj adapted, a 32-token prompt)
 on an 8-layer LLaMA with tiny features: host milliseconds per new token, base vs PEFT LoRA r=8 vs HydraLoRA through
 the fused dispatch, in turns: the layer calls together with the model-level hooks and transformers' own loop.
+
+--kinds picks the layer calls compared: peft, ours, ours svd (the hydralora-best preset's adapter: SVD init, whose
+frozen offset the op runs stacked with A and B; needs --features >= 24) and any of them + " eager" for ours
+under HYDRALORA_FUSED=0.
 """
 
 import argparse
@@ -42,6 +47,7 @@ ap.add_argument("--json", default=None)
 ap.add_argument("--stub-kernels", action="store_true", help="the kernels as output allocations (see above)")
 ap.add_argument("--generate", action="store_true", help="time a greedy decode per new token (see above)")
 ap.add_argument("--rounds", type=int, default=15, help="--generate: timed rounds (each times every variant once)")
+ap.add_argument("--kinds", default="peft,ours", help="comma list: peft, ours, ours svd, ours eager, ours svd eager")
 args = ap.parse_args()
 torch.set_num_threads(1)
 F.HAS_TRITON = True
@@ -81,7 +87,9 @@ def make(kind, train):
     if kind == "peft":
         cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["0"])
     else:
-        cfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3, target_modules=["0"])
+        preset = dict(init_b="svd", init_a="svd", router_temperature=0.1) if kind.startswith("ours svd") else {}
+        cfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3, target_modules=["0"],
+                                        **preset)
     m = peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
     m.to(torch.bfloat16).train(train)
     return m.base_model.model[0]
@@ -103,6 +111,7 @@ def caller(layer, mode):
 
 
 def measure(kind, mode, n=2000):
+    os.environ["HYDRALORA_FUSED"] = "0" if kind.endswith("eager") else "auto"
     layer = make(kind, mode == "train")
     call = caller(layer, mode)
     ctx = torch.inference_mode if mode == "decode" else torch.enable_grad
@@ -187,16 +196,20 @@ if args.generate:
     raise SystemExit(0)
 
 res = {"layout": layout, "features": d}
+kinds = [k.strip() for k in args.kinds.split(",")]
 for mode in ("decode", "train"):
-    for kind in ["peft", "ours", "peft", "ours"]:  # in turns, twice: the better of the two
+    for kind in kinds * 2:  # in turns, twice: the better of the two
         us, calls, layer, call = measure(kind, mode, 2000 if mode == "decode" else 500)
         key = f"{mode} {kind}"
         old = res.get(key)
         res[key] = {"us": min(us, old["us"]) if old else us, "python_calls": calls}
-    res[f"{mode} ours/peft us"] = round(res[f"{mode} ours"]["us"] / res[f"{mode} peft"]["us"], 2)
+    for kind in kinds:
+        if kind != "peft" and "peft" in kinds:
+            res[f"{mode} {kind}/peft us"] = round(res[f"{mode} {kind}"]["us"] / res[f"{mode} peft"]["us"], 2)
 if args.stub_kernels:  # the train call's forward and backward apart, in turns, best of three rounds
     for _ in range(3):
-        for kind in ("peft", "ours"):
+        for kind in kinds:
+            os.environ["HYDRALORA_FUSED"] = "0" if kind.endswith("eager") else "auto"
             layer = make(kind, True)
             x = torch.randn(1, 8, d, dtype=torch.bfloat16, requires_grad=True)
             dy = torch.randn(1, 8, d, dtype=torch.bfloat16)

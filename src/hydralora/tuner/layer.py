@@ -551,16 +551,23 @@ class HydraLoraLayer(BaseTunerLayer):
         B's flat matrix are kept too."""
         name, A, B = plan.name, plan.A, plan.B
         A0, B0 = self._init_offset(name)
-        A0c, neg_B0 = self._eval_cached(name + ".offset", (A0, B0),
-                                        lambda: (A0.to(A.dtype), -B0.to(B.dtype)), constant=True)  # (r, k), (N, d, r)
+
+        def constants():
+            # Normal tensors even under torch.inference_mode (a first generate): an inference tensor keeps no version
+            # counter, so nothing derived from it could be cached, and a training call could not save it.
+            with torch.inference_mode(False), torch.no_grad():
+                return A0.to(A.dtype), -B0.to(B.dtype)  # (r, k), (N, d, r)
+
+        A0c, neg_B0 = self._eval_cached(name + ".offset", (A0, B0), constants, constant=True)
         if grad:
             return stack_init_offset(A, B, A0c, neg_B0), None
 
-        def build():
-            A2, B2 = stack_init_offset(A, B, A0c, neg_B0)  # (2r, k), (N, d, 2r)
-            return (A2, B2), _flat_B(B2)  # (d, N*2r): a view of B'
+        def stacked():
+            with torch.inference_mode(False), torch.no_grad():
+                A2, B2 = stack_init_offset(A, B, A0c, neg_B0)  # (2r, k), (N, d, 2r)
+                return (A2, B2), _flat_B(B2)  # (d, N*2r): a view of B'
 
-        return self._eval_cached(name + ".AB+offset", (A, B, A0c, neg_B0), build)
+        return self._eval_cached(name + ".AB+offset", (A, B, A0c, neg_B0), stacked)
 
     def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
              offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
