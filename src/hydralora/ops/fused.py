@@ -202,10 +202,8 @@ def stack_init_offset(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor,
     """The op's operands for a layer with a frozen init offset (R-LoRA, SVD init), whose update is
     sum_i w_i (B_i A - B0_i A0) dropout(x): A' = [A; A0] (2R, K) and B'_i = [B_i, -B0_i] (N, d, 2R), so that
     B'_i A' = B_i A - B0_i A0 with one dropout mask for both, as the eager layer applies it. Differentiable in A and
-    B (their gradients are the first R rows / columns of the op's); A0 and neg_B0 = -B0 are constants. B' keeps
-    the layer's storage order of B, (d, N, 2R), so that the op's flat (d, N*2R) matrix is a view of it."""
-    B2 = torch.cat([B.permute(1, 0, 2), neg_B0.permute(1, 0, 2)], 2)  # (d, N, 2R)
-    return torch.cat([A, A0], 0), B2.permute(1, 0, 2)  # (2R, K), (N, d, 2R)
+    B (their gradients are the first R rows / columns of the op's); A0 and neg_B0 = -B0 are constants."""
+    return torch.cat([A, A0], 0), torch.cat([B, neg_B0], 2)  # (2R, K), (N, d, 2R)
 
 
 def gemm_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:

@@ -546,28 +546,29 @@ class HydraLoraLayer(BaseTunerLayer):
 
     def _offset_factors(self, plan: FusedPlan, grad: bool):
         """((A', B'), B'_flat or None): the op's operands for an adapter with a frozen init offset (R-LoRA, SVD init),
-        its A and B stacked with the offset (hydralora.ops.stack_init_offset). The offset's constants (A0 and -B0 in
-        the weights' dtypes) are made once per buffer version; without an autograd graph the stacked operands and
-        B's flat matrix are kept too."""
+        its A and B stacked with the offset (hydralora.ops.stack_init_offset). With an autograd graph the offset's
+        constants (A0 and -B0 in the weights' dtypes) are made once per buffer version and stacked per call; without
+        one the stacked operands and B's flat matrix are kept until a weight changes.
+
+        Both are built outside torch.inference_mode (a first generate may run there): an inference tensor keeps no
+        version counter, so nothing derived from it could be kept, and a later training call could not save it."""
         name, A, B = plan.name, plan.A, plan.B
         A0, B0 = self._init_offset(name)
 
         def constants():
-            # Normal tensors even under torch.inference_mode (a first generate): an inference tensor keeps no version
-            # counter, so nothing derived from it could be cached, and a training call could not save it.
             with torch.inference_mode(False), torch.no_grad():
                 return A0.to(A.dtype), -B0.to(B.dtype)  # (r, k), (N, d, r)
 
-        A0c, neg_B0 = self._eval_cached(name + ".offset", (A0, B0), constants, constant=True)
         if grad:
+            A0c, neg_B0 = self._eval_cached(name + ".offset", (A0, B0), constants, constant=True)
             return stack_init_offset(A, B, A0c, neg_B0), None
 
         def stacked():
             with torch.inference_mode(False), torch.no_grad():
-                A2, B2 = stack_init_offset(A, B, A0c, neg_B0)  # (2r, k), (N, d, 2r)
-                return (A2, B2), _flat_B(B2)  # (d, N*2r): a view of B'
+                A2, B2 = stack_init_offset(A, B, *constants())  # (2r, k), (N, d, 2r)
+                return (A2, B2), _flat_B(B2)  # (d, N*2r)
 
-        return self._eval_cached(name + ".AB+offset", (A, B, A0c, neg_B0), stacked)
+        return self._eval_cached(name + ".AB+offset", (A, B, A0, B0), stacked)
 
     def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
              offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
