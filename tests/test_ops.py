@@ -506,7 +506,12 @@ def test_layer_with_an_init_offset_runs_the_fused_op_on_stacked_factors(init_b, 
         layer.base_layer.register_forward_hook(lambda module, args, output: None)
     ranks = []
     real = dispatch.fused_apply
-    monkeypatch.setattr(dispatch, "fused_apply", lambda *a, **k: ranks.append(a[4].shape[0]) or real(*a, **k))
+
+    def stacked_rank(*a):  # A's rows, and the offset's A0 rows where the op stacks them itself (graph calls)
+        ranks.append(a[4].shape[0] + (a[12][0].shape[0] if a[12] is not None else 0))
+        return real(*a)
+
+    monkeypatch.setattr(dispatch, "fused_apply", stacked_rank)
     force_dispatch(monkeypatch)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 6, 48, generator=gen).to(torch.bfloat16 if amp else torch.float32).requires_grad_()

@@ -118,17 +118,27 @@ def _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts, stats: b
 
 class _HydraFused(torch.autograd.Function):
     """Inputs: x2 (T, K); res2 (T, d) or None; W0 (d, K) frozen or None; bias (d,) frozen or None; A (R, K);
-    G (N, K); B (N, d, R); usage (N + 1,) fp32 or None; token weights (T,) or None; c: OpConsts.
-    Outputs: out (T, d), raw logits (T, N) fp32 (differentiable), gate (T, N) fp32."""
+    G (N, K); B (N, d, R); usage (N + 1,) fp32 or None; token weights (T,) or None; c: OpConsts; offset: a frozen
+    init offset (A0 (R, K), -B0 (N, d, R)) in the GEMM dtype, or None. Outputs: out (T, d), raw logits (T, N) fp32
+    (differentiable), gate (T, N) fp32.
+
+    An offset is stacked here, as stack_init_offset does, but outside autograd: the gradients of A and B are cut
+    from the stacked ones in backward, without autograd nodes for the stacks (their host time per call)."""
 
     @staticmethod
-    def forward(ctx, x2, res2, W0, bias, A, G, B, usage, weights, c):
+    def forward(ctx, x2, res2, W0, bias, A, G, B, usage, weights, c, offset):
         n, d, r = B.shape
-        Bf = B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*R): a view of the layer's B (reference.flat_B)
+        if offset is None:
+            Bf = B.permute(1, 0, 2).reshape(d, n * r)  # (d, N*R): a view of the layer's B (reference.flat_B)
+        else:
+            A0, neg_B0 = offset
+            A = torch.cat([A, A0], 0)  # (2R, K)
+            Bf = torch.cat([B.permute(1, 0, 2), neg_B0.permute(1, 0, 2)], 2).view(d, n * 2 * r)  # (d, N*2R)
         out, raw, gate, seed, z, h = _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c)
         dev_seed = seed if isinstance(seed, torch.Tensor) else None  # a device seed is saved as a tensor
         ctx.save_for_backward(x2, W0, A, G, Bf, z, h, gate, dev_seed)  # Bf: the matrix backward's GEMMs read
         ctx.seed, ctx.c, ctx.owns_base = (seed if dev_seed is None else None), c, res2 is None
+        ctx.own_rank = None if offset is None else r  # the rows of A (columns of each B_i) that train
         ctx.mark_non_differentiable(gate)
         ctx.set_materialize_grads(False)
         return out, raw, gate
@@ -148,7 +158,11 @@ class _HydraFused(torch.autograd.Function):
         # One GEMM for every expert's dB, reading dout once (a batched GEMM per expert reads it N times). Its
         # (d, N*R) result is B's gradient in the layer's storage order of B, (d, N, R): autograd takes it as is.
         dBf = dout.t() @ (z if z.dtype == dout.dtype else z.to(dout.dtype))  # (d, N*R)
-        dB = dBf.view(d, n, r).permute(1, 0, 2)  # (N, d, R)
+        own = ctx.own_rank
+        if own is None:
+            dB = dBf.view(d, n, r).permute(1, 0, 2)  # (N, d, R)
+        else:  # the trained B_i's columns, copied into B's storage order (d, N, R): autograd takes it as is
+            dB = dBf.view(d, n, r)[:, :, :own].contiguous().permute(1, 0, 2)  # (N, d, own)
         if dB.dtype != Bf.dtype:
             dB = dB.to(Bf.dtype)
         bwd = launch.bwd_x if c.triton else reference.bwd_x
@@ -157,8 +171,10 @@ class _HydraFused(torch.autograd.Function):
         if need_x and ctx.owns_base:
             dx = dx.addmm_(dout, W0 if W0.dtype == dout.dtype else W0.to(dout.dtype))  # (T, K): base dx added
         d_res = dout if (not ctx.owns_base and ctx.needs_input_grad[1]) else None
+        if own is not None:
+            dA = dA[:own]  # (R, K)
         return (dx, d_res, None, None, dA if dA.dtype == A.dtype else dA.to(A.dtype),
-                dG if dG.dtype == G.dtype else dG.to(G.dtype), dB, None, None, None)
+                dG if dG.dtype == G.dtype else dG.to(G.dtype), dB, None, None, None, None)
 
 
 # Calls of at most this many tokens without routing outputs (decode steps) take _small_call: at these sizes the host's
@@ -181,13 +197,19 @@ def _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts) -> to
                             usage, weights)  # (T, d)
 
 
-def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=None, Bf=None, stats=True):
+def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=None, Bf=None, stats=True,
+                offset=None):
     """The op on 2-D operands, unchecked: x2 (T, K) contiguous, every GEMM operand in one dtype, A and G
     contiguous. Bf: B's flat (d, N*R) matrix kept by the caller for calls without an autograd graph, else None.
     stats=False (read only without an autograd graph): the routing outputs are not needed, None is returned for
-    them. Returns (out (T, d), raw logits (T, N) fp32, gate (T, N) fp32)."""
+    them. offset: a frozen init offset (A0 (R, K), -B0 (N, d, R)) in the GEMM dtype, stacked under A and B (without
+    a graph a caller that keeps the stacked operands passes them as A, B and Bf instead). Returns (out (T, d), raw
+    logits (T, N) fp32, gate (T, N) fp32)."""
     if torch.is_grad_enabled():
-        return _HydraFused.apply(x2, res2, W0, bias, A, G, B, usage, weights, c)
+        return _HydraFused.apply(x2, res2, W0, bias, A, G, B, usage, weights, c, offset)
+    if offset is not None:
+        A, B = stack_init_offset(A, B, *offset)  # (2R, K), (N, d, 2R)
+        Bf = None
     if Bf is None:
         Bf = reference.flat_B(B)  # (d, N*R)
     if not stats and not c.dropout and x2.shape[0] <= SMALL_CALL_TOKENS:

@@ -532,43 +532,44 @@ class HydraLoraLayer(BaseTunerLayer):
             B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
         # Eval without a graph (generation): no loss to record and the usage counted inside the op, so the op
         # writes no routing outputs (logits and gate None).
-        factors = None
+        factors = offset = None
         if plan.init_offset:
-            factors, B_flat = self._offset_factors(plan, grad)  # (2r, k), (N, d, 2r); (d, N*2r) or None
+            factors, B_flat, offset = self._offset_operands(plan, grad)
         stats = grad or self.training
-        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats,
-                                     factors)  # (..., d), (T, N), (T, N)
+        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats, factors,
+                                     offset)  # (..., d), (T, N), (T, N)
         if stats:
             self._record(name, logits, gate, x, counted=usage is not None)
         elif self._recording:  # what _record stores in eval: no losses
             self.last_aux_loss[name] = self.last_route_loss[name] = None
         return out
 
-    def _offset_factors(self, plan: FusedPlan, grad: bool):
-        """((A', B'), B'_flat or None): the op's operands for an adapter with a frozen init offset (R-LoRA, SVD init),
-        its A and B stacked with the offset (hydralora.ops.stack_init_offset). With an autograd graph the offset's
-        constants (A0 and -B0 in the weights' dtypes) are made once per buffer version and stacked per call; without
-        one the stacked operands and B's flat matrix are kept until a weight changes.
+    def _offset_operands(self, plan: FusedPlan, grad: bool):
+        """(factors, B_flat, offset) for run_plan, for an adapter with a frozen init offset (R-LoRA, SVD init). With
+        an autograd graph: offset = (A0, -B0) in the GEMM dtype, made once per buffer version, which the op stacks
+        under A and B. Without one: factors = A and B stacked with the offset (hydralora.ops.stack_init_offset) and
+        B_flat their flat (d, N*2r) matrix, kept until a weight changes.
 
         Both are built outside torch.inference_mode (a first generate may run there): an inference tensor keeps no
         version counter, so nothing derived from it could be kept, and a later training call could not save it."""
         name, A, B = plan.name, plan.A, plan.B
         A0, B0 = self._init_offset(name)
 
-        def constants():
+        def constants(dtype_a, dtype_b):
             with torch.inference_mode(False), torch.no_grad():
-                return A0.to(A.dtype), -B0.to(B.dtype)  # (r, k), (N, d, r)
+                return A0.to(dtype_a), -B0.to(dtype_b)  # (r, k), (N, d, r)
 
         if grad:
-            A0c, neg_B0 = self._eval_cached(name + ".offset", (A0, B0), constants, constant=True)
-            return stack_init_offset(A, B, A0c, neg_B0), None
+            dt = plan.dtype
+            return None, None, self._eval_cached(name + ".offset", (A0, B0), lambda: constants(dt, dt), constant=True)
 
         def stacked():
             with torch.inference_mode(False), torch.no_grad():
-                A2, B2 = stack_init_offset(A, B, *constants())  # (2r, k), (N, d, 2r)
+                A2, B2 = stack_init_offset(A, B, *constants(A.dtype, B.dtype))  # (2r, k), (N, d, 2r)
                 return (A2, B2), _flat_B(B2)  # (d, N*2r)
 
-        return self._eval_cached(name + ".AB+offset", (A, B, A0, B0), stacked)
+        factors, B_flat = self._eval_cached(name + ".AB+offset", (A, B, A0, B0), stacked)
+        return factors, B_flat, None
 
     def _mix(self, adapter_name: str, h: torch.Tensor, gate: torch.Tensor, result: torch.Tensor,
              offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
