@@ -22,7 +22,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
   python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 } >"$out/env.txt" 2>&1
 step tests 150 env HYDRALORA_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ops.py
-step layer 35 python3 benchmarks/bench_layer.py --device cuda --repeats 15 --json "$out/layer.json"
+step layer 45 python3 benchmarks/bench_layer.py --device cuda --repeats 15 \
+  --variants "base,peft r8,ours,ours eager,ours svd" --json "$out/layer.json"
 step train_step 100 python3 benchmarks/bench_train_step.py --device cuda --steps 4 --warmup 2 \
   --variants "base,peft r8,peft r18,ours" --json "$out/train_step.json"
 step generate 150 python3 benchmarks/bench_generate.py --device cuda --models llama7b-8l --new-tokens 48 --repeats 3 \
