@@ -591,6 +591,51 @@ def test_small_calls_without_a_graph_take_one_projection_and_mix(hooked, monkeyp
     assert mixes == [1, 4, n_max], mixes
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_sequence_routing_decode_steps_take_the_small_call_with_the_prompts_gate(hooked, monkeypatch):
+    """Under sequence routing the prompt's call (eager) keeps each sequence's gate; decode-sized calls that reuse it
+    (no graph, at most SMALL_CALL_TOKENS tokens) run the small-call kernel (the PyTorch backend's, forced on the
+    CPU) with that gate given: the eager path's output and usage statistics, padding left out. Larger calls and
+    calls that do not reuse the gate stay eager."""
+    torch.manual_seed(0)
+    layer = make_layer(k=48, d=40, r=4, n=3, temp=0.7).eval()
+    hydralora.set_routing(nn.Sequential(layer), "sequence")
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda module, args, output: None)
+    given = []
+    real_mix = reference.proj_mix
+    monkeypatch.setattr(reference, "proj_mix",
+                        lambda *a: given.append((a[0].shape[0], a[-1] is not None)) or real_mix(*a))
+    prompt = torch.randn(4, 6, 48)
+    steps = [(torch.randn(4, 1, 48), True), (torch.randn(4, 3, 48), True), (torch.randn(4, 9, 48), True),
+             (torch.randn(4, 1, 48), False)]
+    runs = {}
+    for switch in ("0", "1"):
+        if switch == "1":
+            force_dispatch(monkeypatch)
+        else:
+            monkeypatch.setenv("HYDRALORA_FUSED", "0")
+        layer.reset_usage()
+        layer._sequence_gate.clear()
+        outs = []
+        with torch.inference_mode():
+            layer._reuse_sequence_gate = False
+            layer._token_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]] * 2)  # left padding
+            outs.append(layer(prompt))
+            for x, reuse in steps:
+                layer._reuse_sequence_gate = reuse
+                layer._token_mask = torch.ones(x.shape[:2], dtype=torch.long)
+                outs.append(layer(x))
+        runs[switch] = (outs, layer._usage("default"))
+    (o0, u0), (o1, u1) = runs["0"], runs["1"]
+    for a, b in zip(o1, o0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-6)
+    # the two reusing calls of at most 32 tokens, with the gate given; the prompt, the 36-token call and the call
+    # that does not reuse the gate stay eager
+    assert given == [(4, True), (12, True)], given
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: Triton kernels
 SHAPES = [(37, 200, 96, 8, 3), (256, 512, 384, 8, 3), (1024, 1024, 640, 16, 4), (1, 576, 576, 8, 3)]
@@ -1105,6 +1150,16 @@ for Tm, w in [(1, None), (5, torch.arange(5) % 2 == 0), (20, None)]:
     assert launch.proj_mix(xs, got, A, G, Bf, got, 2.0, 0.7, usage[1], w) is got
     assert torch.allclose(usage[1], usage[0], rtol=1e-5), "usage counted more than once or not at all"
     worst = max(worst, ((got - ref).norm() / ref.norm()).item())
+    # a given gate (sequence routing's) in place of the router's
+    gate = torch.softmax(torch.randn(Tm, N), -1)
+    usage = [torch.zeros(N + 1), torch.zeros(N + 1)]
+    ref = reference.proj_mix(xs, res, A, G, Bf, torch.empty_like(res), 2.0, 0.7, usage[0], w, gate)
+    got = launch.proj_mix(xs, res.clone(), A, G, Bf, torch.empty_like(res), 2.0, 0.7, usage[1], w, gate)
+    assert torch.allclose(usage[1], usage[0], rtol=1e-5), "given gate: usage"
+    h = xs @ A.t()
+    by_hand = res + 2.0 * torch.einsum("tn,dnr,tr->td", gate, Bf.view(d, N, R), h)
+    assert ((ref - by_hand).norm() / by_hand.norm()).item() < 1e-5, "the reference ignores the given gate"
+    worst = max(worst, ((got - ref).norm() / ref.norm()).item())
 print("WORST", worst)
 """
 
@@ -1128,7 +1183,7 @@ def test_triton_kernels_in_interpreter_match_torch_backend():
 def test_triton_kernels_compile_for_hopper(dropout):
     """Triton's compiler (no GPU needed) builds the kernels for sm_90, with and without the dropout hash (and the
     usage statistics' atomics), the projection with and without its routing outputs, the small-call kernel with
-    and without them.
+    and without them and a given gate.
 
     Catches what the interpreter cannot: Triton 3.x refuses non-constexpr globals inside jit code at compile time.
     """
@@ -1150,8 +1205,9 @@ def test_triton_kernels_compile_for_hopper(dropout):
              "BK": 64, "KSPLIT": 2}
     sums = {"PART": "*fp32", "DA": "*bf16", "DG": "*bf16", "NB": "i32", "K": "i32", "RN": "i32"}
     mix = {"X": "*bf16", "A": "*bf16", "G": "*bf16", "BF": "*bf16", "RES": "*bf16", "OUT": "*bf16", "U": "*fp32",
-           "W": "*i1", "T": "i32", "K": "i32", "D": "i32", "scaling": "fp32", "inv_temp": "fp32"}
-    mix_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "COUNT": dropout, "HAS_W": dropout, "BT": 16, "BK": 128, "BD": 64}
+           "W": "*i1", "P": "*fp32", "T": "i32", "K": "i32", "D": "i32", "scaling": "fp32", "inv_temp": "fp32"}
+    mix_c = {"R": 8, "N": 3, "RP": 16, "NP": 16, "COUNT": dropout, "HAS_W": dropout, "GIVEN": dropout, "BT": 16,
+             "BK": 128, "BD": 64}
     for kernel, args, const in [(tk._proj_fwd, {**fwd, **scalars}, fwd_c), (tk._bwd_x, {**bwd, **scalars}, bwd_c),
                                 (tk._sum_parts, sums, {"R": 8, "BE": 512}), (tk._proj_mix, mix, mix_c)]:
         sig = {**args, **{k: "constexpr" for k in const}}
@@ -1219,21 +1275,24 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks():
 
 
 @needs_gpu
+@pytest.mark.parametrize("given", [False, True], ids=["router", "given-gate"])
 @pytest.mark.parametrize("T,K,d,R,N", [(1, 4096, 4096, 8, 3), (7, 576, 600, 8, 3), (32, 1024, 640, 16, 4)])
-def test_small_call_kernel_matches_the_pytorch_backend(T, K, d, R, N, monkeypatch):
+def test_small_call_kernel_matches_the_pytorch_backend(T, K, d, R, N, given, monkeypatch):
     """proj_mix on the GPU (first launch through the autotuner, then direct launches): the PyTorch backend's output,
-    in place into the base output or into a new one, and the usage counted once, masked tokens left out."""
+    in place into the base output or into a new one, and the usage counted once, masked tokens left out; with the
+    router's gate and with a given one (sequence routing's)."""
     monkeypatch.delenv("HYDRALORA_AUTOTUNE", raising=False)
     x, A, G, B = _cuda_op_inputs(T, K, d, R, N, seed=6)
     Bf = reference.flat_B(B).contiguous()
     w = torch.arange(T, device="cuda") % 3 != 1
     res = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    gate = torch.softmax(torch.randn(T, N, device="cuda"), -1) if given else None
     u_ref = torch.zeros(N + 1, device="cuda")
-    ref = reference.proj_mix(x, res, A, G, Bf, torch.empty_like(res), 2.0, 0.8, u_ref, w)
+    ref = reference.proj_mix(x, res, A, G, Bf, torch.empty_like(res), 2.0, 0.8, u_ref, w, gate)
     for in_place in (True, False, True):
         u = torch.zeros(N + 1, device="cuda")
         out = res.clone() if in_place else torch.empty_like(res)
-        got = launch.proj_mix(x, out if in_place else res, A, G, Bf, out, 2.0, 0.8, u, w)
+        got = launch.proj_mix(x, out if in_place else res, A, G, Bf, out, 2.0, 0.8, u, w, gate)
         assert got is out
         assert rel(got, ref) < 1e-2, rel(got, ref)
         assert float(u[N]) == float(w.sum())  # the real tokens, counted once

@@ -239,14 +239,15 @@ def _sum_parts(PART, DA, DG, NB, K, RN, R: tl.constexpr, BE: tl.constexpr):
 @triton.autotune(configs=[triton.Config({"BK": 128, "BD": 64}, num_warps=4, num_stages=3)], key=["K", "D"])
 @triton.jit(do_not_specialize=["T"])
 def _proj_mix(
-    X, A, G, BF, RES, OUT, U, W, T, K, D, scaling, inv_temp,
+    X, A, G, BF, RES, OUT, U, W, P, T, K, D, scaling, inv_temp,
     R: tl.constexpr, N: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, COUNT: tl.constexpr, HAS_W: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    GIVEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
     """OUT[:, cols] = RES[:, cols] + scaling * sum_n gate[:, n] (h BF[cols, n*R:(n+1)*R]^T) for one block of BD
     output columns, all T <= BT tokens: each program recomputes h = A x and the gate (T x K reads, cheap at decode
     sizes) and adds the experts' update into the base output itself, so the stacked B GEMM needs no launch of its
-    own. z is rounded to x's dtype before the B product, as in the cuBLAS path. OUT may be RES."""
+    own. z is rounded to x's dtype before the B product, as in the cuBLAS path. OUT may be RES. GIVEN: the gate is
+    read from P (T, N) fp32 (sequence routing's per-sequence gate) instead of computed by the router G."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BT)
     rmask = rows < T
@@ -256,9 +257,14 @@ def _proj_mix(
     acc_g = tl.zeros([BT, NP], dtype=tl.float32)
     for k0 in range(0, K, BK):
         x, a, g = _x_tiles(X, A, G, rows, rmask, k0, K, R, N, RP, NP, BK)  # [BT, BK], [BK, RP], [BK, NP]
-        acc_g = tl.dot(x, g, acc_g)  # [BT, NP]
+        if not GIVEN:
+            acc_g = tl.dot(x, g, acc_g)  # [BT, NP]
         acc_h = tl.dot(x, a, acc_h)  # [BT, RP]
-    gate = _gate(acc_g, inv_temp, N, NP)  # [BT, NP]
+    if GIVEN:
+        gate = tl.load(P + rows[:, None] * N + jn[None, :], mask=rmask[:, None] & (jn[None, :] < N),
+                       other=0.0)  # [BT, NP]
+    else:
+        gate = _gate(acc_g, inv_temp, N, NP)  # [BT, NP]
     if COUNT:
         if pid == 0:  # every program holds the same gate: one counts it
             _count(gate, rows, rmask, U, W, N, NP, HAS_W)

@@ -182,10 +182,10 @@ class _HydraFused(torch.autograd.Function):
 SMALL_CALL_TOKENS = 32
 
 
-def _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts) -> torch.Tensor:
+def _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts, gate=None) -> torch.Tensor:
     """out (T, d) of a call without an autograd graph or routing outputs, T <= SMALL_CALL_TOKENS: the base GEMM (where
-    the op owns it), then one kernel that projects, routes and adds the experts' update into that output in place
-    (two launches where _forward makes three)."""
+    the op owns it), then one kernel that projects, routes (or applies the given gate (T, N) fp32) and adds the
+    experts' update into that output in place (two launches where _forward makes three)."""
     if res2 is None:
         out = F.linear(x2, W0, bias)  # (T, d)
         res = out
@@ -194,18 +194,25 @@ def _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts) -> to
         out = torch.empty_like(res)  # (T, d): the caller's result stays as it was
     kernels = launch if c.triton else reference
     return kernels.proj_mix(x2, res, A, G, Bf if Bf.is_contiguous() else Bf.contiguous(), out, c.scaling, c.inv_temp,
-                            usage, weights)  # (T, d)
+                            usage, weights, gate)  # (T, d)
 
 
 def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=None, Bf=None, stats=True,
-                offset=None):
+                offset=None, gate=None):
     """The op on 2-D operands, unchecked: x2 (T, K) contiguous, every GEMM operand in one dtype, A and G
     contiguous. Bf: B's flat (d, N*R) matrix kept by the caller for calls without an autograd graph, else None.
     stats=False (read only without an autograd graph): the routing outputs are not needed, None is returned for
     them. offset: a frozen init offset (A0 (R, K), -B0 (N, d, R)) in the GEMM dtype, stacked under A and B (without
-    a graph a caller that keeps the stacked operands passes them as A, B and Bf instead). Returns (out (T, d), raw
-    logits (T, N) fp32, gate (T, N) fp32)."""
-    if torch.is_grad_enabled():
+    a graph a caller that keeps the stacked operands passes them as A, B and Bf instead). gate: a (T, N) fp32 gate to
+    apply instead of the router's (sequence routing's, at decode), only for a call that takes the small-call kernel:
+    no autograd graph, stats=False, no dropout, T <= SMALL_CALL_TOKENS. Returns (out (T, d), raw logits (T, N) fp32,
+    gate (T, N) fp32)."""
+    grad = torch.is_grad_enabled()
+    if gate is not None and (grad or stats or c.dropout or x2.shape[0] > SMALL_CALL_TOKENS):
+        raise ValueError(f"gate: a given gate needs a small call (no autograd graph, stats=False, no dropout, at most "
+                         f"{SMALL_CALL_TOKENS} tokens); got {x2.shape[0]} tokens, grad={grad}, stats={stats}, "
+                         f"dropout={c.dropout}")
+    if grad:
         return _HydraFused.apply(x2, res2, W0, bias, A, G, B, usage, weights, c, offset)
     if offset is not None:
         A, B = stack_init_offset(A, B, *offset)  # (2R, K), (N, d, 2R)
@@ -213,7 +220,7 @@ def fused_apply(x2, res2, W0, bias, A, G, B, c: OpConsts, usage=None, weights=No
     if Bf is None:
         Bf = reference.flat_B(B)  # (d, N*R)
     if not stats and not c.dropout and x2.shape[0] <= SMALL_CALL_TOKENS:
-        return _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c), None, None
+        return _small_call(x2, res2, W0, bias, A, G, Bf, usage, weights, c, gate), None, None
     return _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c, stats)[:3]  # no graph: no autograd Function
 
 

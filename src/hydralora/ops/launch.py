@@ -235,10 +235,10 @@ def mix_rows(T: int) -> int:
     return max(16, pow2(T))
 
 
-def proj_mix(x2, res, A, G, Bf, out, scaling, inv_temp, usage=None, weights=None):
+def proj_mix(x2, res, A, G, Bf, out, scaling, inv_temp, usage=None, weights=None, gate=None):
     """out (T, d) = res + scaling * sum_n gate_n B_n A x2 (no dropout, no routing outputs) in one launch, for T <=
     the fused dispatch's small-call bound; res and out (T, d) contiguous, out may be res; Bf (d, N*R) contiguous.
-    usage and weights as proj's. Returns out."""
+    usage and weights as proj's. gate: (T, N) fp32 contiguous to apply instead of the router's. Returns out."""
     T, K = x2.shape
     D = res.shape[1]
     N, R = G.shape[0], A.shape[0]
@@ -248,17 +248,19 @@ def proj_mix(x2, res, A, G, Bf, out, scaling, inv_temp, usage=None, weights=None
     unused = _placeholder(dev, torch.float32)
     u = unused if usage is None else usage
     w = unused if weights is None else weights
+    p = unused if gate is None else gate
     site = ("proj_mix", dev.index, x2.dtype, A.dtype, G.dtype, Bf.dtype, res.dtype, out.dtype, u.dtype, w.dtype, K, D,
-            BT, R, N, usage is not None, weights is not None)
+            BT, R, N, usage is not None, weights is not None, gate is not None)
     hit = _SITES.get(site)
     if hit is not None:
         ptrs = (x2.data_ptr(), A.data_ptr(), G.data_ptr(), Bf.data_ptr(), res.data_ptr(), out.data_ptr(), u.data_ptr(),
-                w.data_ptr())
+                w.data_ptr(), p.data_ptr())
         if _site_launch(hit, cdiv(D, hit[3]["BD"]), 1, dev.index, ptrs, (*ptrs, T, K, D, scaling, inv_temp)):
             return out
     grid = lambda META: (cdiv(D, META["BD"]),)  # noqa: E731
-    kw = dict(R=R, N=N, RP=RP, NP=NP, COUNT=usage is not None, HAS_W=weights is not None, BT=BT)
-    launch(_tk._proj_mix, grid, (x2, A, G, Bf, res, out, u, w, T, K, D, scaling, inv_temp), kw,
+    kw = dict(R=R, N=N, RP=RP, NP=NP, COUNT=usage is not None, HAS_W=weights is not None, GIVEN=gate is not None,
+              BT=BT)
+    launch(_tk._proj_mix, grid, (x2, A, G, Bf, res, out, u, w, p, T, K, D, scaling, inv_temp), kw,
            {"BK": 128, "BD": 64}, (K, D), site)
     return out
 

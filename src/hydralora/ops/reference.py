@@ -83,10 +83,18 @@ def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, 
     return (z, h, gate, raw) if stats else (z, None, None, None)
 
 
-def proj_mix(x2, res, A, G, Bf, out, scaling, inv_temp, usage=None, weights=None):
+def proj_mix(x2, res, A, G, Bf, out, scaling, inv_temp, usage=None, weights=None, gate=None):
     """The small-call kernel's function: out (T, d) = res + scaling * sum_n gate_n B_n A x2 (no dropout), z rounded
-    to x's dtype before the B product; out may be res. Returns out."""
-    z = proj(x2, A, G, None, 0, 1.0, scaling, inv_temp, False, usage, weights, stats=False)[0]  # (T, N*R)
+    to x's dtype before the B product; out may be res; gate (T, N) fp32: applied instead of the router's. Returns
+    out."""
+    if gate is None:
+        z = proj(x2, A, G, None, 0, 1.0, scaling, inv_temp, False, usage, weights, stats=False)[0]  # (T, N*R)
+    else:
+        T, N, R = x2.shape[0], G.shape[0], A.shape[0]
+        h = F.linear(x2, A).float()  # (T, R)
+        z = ((gate * scaling).unsqueeze(-1) * h.unsqueeze(1)).reshape(T, N * R).to(x2.dtype)  # (T, N*R)
+        if usage is not None:
+            add_usage(usage[:N], usage[N], gate, weights)
     return torch.add(res, F.linear(z, Bf).to(res.dtype), out=out)  # (T, d)
 
 

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from ..compile_check import check_training_compile
 from ..ops import FusedPlan, base_hooked, dispatch as _dispatch, plan_fused, run_plan, stack_init_offset
 from ..ops.dispatch import fused_switch
-from ..ops.fused import capturing as _capturing
+from ..ops.fused import SMALL_CALL_TOKENS, capturing as _capturing
 from ..ops.reference import add_usage, flat_B as _flat_B
 from ..ops.project import dropout_project, use_dropout_project
 from .config import BalanceLoss, HydraLoraConfig
@@ -502,7 +502,23 @@ class HydraLoraLayer(BaseTunerLayer):
                 return None
         if plan.base is not None and base_hooked(plan):
             return None
+        if self.routing_mode == "sequence" and self._decode_gate(plan.name, x) is None:
+            return None  # sequence routing: only decode steps, with the prompt's gate, run the op (given that gate)
         return plan
+
+    def _decode_gate(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sequence routing's gate for a decode-sized call without a graph that reuses the prompt's gate, one row per
+        token (T, N), or None where the call is not one: the prompt's own call computes and keeps the gate on the
+        eager path, and training calls route per sequence there too."""
+        if self.training or torch.is_grad_enabled() or not self._reuse_sequence_gate or x.dim() != 3:
+            return None
+        cached = self._sequence_gate.get(adapter_name)  # (B, N)
+        b, t = x.shape[:2]
+        if cached is None or cached.shape[0] != b or b * t > SMALL_CALL_TOKENS:
+            return None
+        if t == 1 and cached.is_contiguous():
+            return cached  # (B, N): one token per sequence
+        return cached.unsqueeze(1).expand(b, t, cached.shape[1]).reshape(b * t, -1)  # (B*T, N)
 
     def _make_fused_plan(self, x: torch.Tensor, adapter_name: Optional[str]) -> Optional[FusedPlan]:
         base = None
@@ -512,11 +528,14 @@ class HydraLoraLayer(BaseTunerLayer):
                 return None
             adapter_name, base = names[0], self.base_layer
         cfg = self.hconfig[adapter_name]
+        # Sequence routing runs the op at decode only, given the prompt's gate (_decode_gate): planned as per-token
+        # routing, whose kernels then take that gate instead of the router's.
+        routing = "token" if self.routing_mode == "sequence" else self.routing_mode
         return plan_fused(
             adapter_name, x, self.hydralora_A[adapter_name], self.hydralora_router[adapter_name],
             self.hydralora_B[adapter_name], scaling=self.scaling[adapter_name], temperature=cfg.router_temperature,
             dropout_p=cfg.lora_dropout, training=self.training, router_input=cfg.router_input,
-            routing_mode=self.routing_mode, top_k=cfg.top_k, num_experts=self.num_experts[adapter_name],
+            routing_mode=routing, top_k=cfg.top_k, num_experts=self.num_experts[adapter_name],
             masked_experts=cfg.masked_experts, init_offset=self._init_offset(adapter_name) is not None,
             expert_dropout=cfg.expert_dropout, base=base)
 
@@ -535,9 +554,10 @@ class HydraLoraLayer(BaseTunerLayer):
         factors = offset = None
         if plan.init_offset:
             factors, B_flat, offset = self._offset_operands(plan, grad)
+        given = self._decode_gate(name, x) if self.routing_mode == "sequence" else None  # (T, N) or None
         stats = grad or self.training
-        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats, factors,
-                                     offset)  # (..., d), (T, N), (T, N)
+        out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats, factors, offset,
+                                     given)  # (..., d), (T, N), (T, N)
         if stats:
             self._record(name, logits, gate, x, counted=usage is not None)
         elif self._recording:  # what _record stores in eval: no losses
