@@ -18,6 +18,8 @@ backward apart.
 on an 8-layer LLaMA with tiny features: host milliseconds per new token, base vs PEFT LoRA r=8 vs HydraLoRA through
 the fused dispatch, in turns: the layer calls together with the model-level hooks and transformers' own loop.
 
+--generate --sequence adds HydraLoRA under sequence routing, through the fused dispatch and eager (HYDRALORA_FUSED=0).
+
 --kinds picks the layer calls compared: peft, ours, ours svd (the hydralora-best preset's adapter: SVD init, whose
 frozen offset the op runs stacked with A and B; needs --features >= 24) and any of them + " eager" for ours
 under HYDRALORA_FUSED=0.
@@ -47,6 +49,7 @@ ap.add_argument("--json", default=None)
 ap.add_argument("--stub-kernels", action="store_true", help="the kernels as output allocations (see above)")
 ap.add_argument("--generate", action="store_true", help="time a greedy decode per new token (see above)")
 ap.add_argument("--rounds", type=int, default=15, help="--generate: timed rounds (each times every variant once)")
+ap.add_argument("--sequence", action="store_true", help="--generate: also ours under sequence routing, fused and eager")
 ap.add_argument("--kinds", default="peft,ours", help="comma list: peft, ours, ours svd, ours eager, ours svd eager")
 args = ap.parse_args()
 torch.set_num_threads(1)
@@ -154,9 +157,15 @@ def generate_ms_per_token(rounds: int) -> dict:
                                                  task_type="CAUSAL_LM")}
     nets = {"base": base, **{k: peft.get_peft_model(copy.deepcopy(base), c, autocast_adapter_dtype=False).eval()
                              for k, c in configs.items()}}
+    if args.sequence:  # sequence routing, through the fused dispatch and (HYDRALORA_FUSED=0) eager
+        for k in ("ours sequence", "ours sequence eager"):
+            nets[k] = peft.get_peft_model(copy.deepcopy(base), configs["ours"], autocast_adapter_dtype=False).eval()
+            hydralora.set_routing(nets[k], "sequence")
     ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(0))
 
     def seconds(model, n):  # bench_generate's timed greedy generate of exactly n new tokens (inference mode)
+        eager = model is nets.get("ours sequence eager")
+        os.environ["HYDRALORA_FUSED"] = "0" if eager else "auto"
         return gen_seconds(model, ids, n, "cpu")
 
     runs = {k: [] for k in nets}
@@ -182,7 +191,9 @@ def generate_ms_per_token(rounds: int) -> dict:
     seconds(nets["ours"], 2)
     hlayer.run_plan = run_plan
     out["ours: fused layer calls per forward"] = calls["n"] / 2  # prefill + 1 decode step
-    out["ours / peft r8, median"] = round(out["ours"]["median_ms"] / out["peft r8"]["median_ms"], 3)
+    for k in runs:
+        if k.startswith("ours"):
+            out[f"{k} / peft r8, median"] = round(out[k]["median_ms"] / out["peft r8"]["median_ms"], 3)
     return out
 
 
