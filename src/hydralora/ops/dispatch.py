@@ -64,7 +64,7 @@ class FusedPlan(NamedTuple):
     cast: bool  # some operand is in another dtype (autocast): cast to `dtype` per call (the weights change)
     consts: OpConsts
     weight_dtypes: tuple  # (A, W_g, B) dtypes the plan was made for: a plan is stale once they differ
-    init_offset: bool  # the layer runs (A, B) stacked with a frozen init offset (run_plan's `factors`)
+    init_offset: bool  # the adapter has a frozen init offset, stacked under A and B (run_plan's offset / factors)
 
 
 def plan_fused(
@@ -126,7 +126,7 @@ def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = 
              usage: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
              B_flat: Optional[torch.Tensor] = None, stats: bool = True,
              factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-             offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None, gate: Optional[torch.Tensor] = None,
+             offset: Optional[tuple[torch.Tensor, torch.Tensor]] = None, given_gate: Optional[torch.Tensor] = None,
              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The planned op for x (..., K): base(x) (a plan with a base) or result (..., d), plus the adapter's update.
     usage: as hydra_delta_fused's (the caller keeps the accumulator, so it is not re-checked here); token_weights:
@@ -134,8 +134,8 @@ def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = 
     calls without an autograd graph; stats=False, for calls without a graph that record nothing: raw and gate come
     back None. A layer with a frozen init offset passes either `offset`, (A0, -B0) in the plan's GEMM dtype, which
     the op stacks under A and B, or, without an autograd graph, `factors`: the (A, B) it keeps stacked already
-    (fused.stack_init_offset), B_flat then being that B's. gate: a (T, N) fp32 gate to apply instead of the router's,
-    for a decode-sized call without a graph (fused_apply says which). Returns (out (..., d), raw
+    (fused.stack_init_offset), B_flat then being that B's. given_gate: a (T, N) fp32 gate to apply instead of the
+    router's, for a decode-sized call without a graph (fused_apply says which). Returns (out (..., d), raw
     logits (T, N) fp32, gate (T, N) fp32): the routing outputs stay flat over x's T = prod(leading dims) tokens (the
     layer's statistics and losses read them flat; two views per call cost host time)."""
     A, W_g, B, base = plan.A, plan.W_g, plan.B, plan.base
@@ -159,5 +159,5 @@ def run_plan(plan: FusedPlan, x: torch.Tensor, result: Optional[torch.Tensor] = 
     if token_weights is not None and not token_weights.is_contiguous():
         token_weights = token_weights.contiguous()  # (..., ) read flat over T by the kernel
     out, raw, gate = fused_apply(x2, res2, W0, bias, A, W_g, B, plan.consts, usage, token_weights,
-                                 B_flat, stats, offset, gate)  # (T, d), (T, N), (T, N)
+                                 B_flat, stats, offset, given_gate)  # (T, d), (T, N), (T, N)
     return (out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])), raw, gate

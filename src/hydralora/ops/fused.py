@@ -371,8 +371,8 @@ def fused_supported(
 ) -> bool:
     """True where the Triton fast path computes exactly the layer's function: CUDA, GEMMs in bf16/fp16 (x, A, W_g,
     B and result in one such dtype, or any float dtypes under a bf16/fp16 autocast, which the eager layer's GEMMs
-    would follow too), dense softmax token routing by a router on x, no top-k, no masked experts at inference, no
-    one shared dropout mask, r <= 64 (with an init offset, R-LoRA or SVD init: 2r <= 64, the op then running on the
+    would follow too), dense softmax token routing by a router on x, no top-k, no masked experts at inference, one
+    shared dropout mask, r <= 64 (with an init offset, R-LoRA or SVD init: 2r <= 64, the op then running on the
     operands of `stack_init_offset`), N <= 16, 0 < x.numel() < 2**31."""
     if not (HAS_TRITON and x.is_cuda):
         return False

@@ -549,12 +549,12 @@ class HydraLoraLayer(BaseTunerLayer):
         if not grad and not plan.init_offset:
             B = plan.B
             B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
-        # Eval without a graph (generation): no loss to record and the usage counted inside the op, so the op
-        # writes no routing outputs (logits and gate None).
         factors = offset = None
         if plan.init_offset:
             factors, B_flat, offset = self._offset_operands(plan, grad)
         given = self._decode_gate(name, x) if self.routing_mode == "sequence" else None  # (T, N) or None
+        # Eval without a graph (generation): no loss to record and the usage counted inside the op, so the op
+        # writes no routing outputs (logits and gate None).
         stats = grad or self.training
         out, logits, gate = run_plan(plan, x, result, usage, weights, B_flat, stats, factors, offset,
                                      given)  # (..., d), (T, N), (T, N)
@@ -580,8 +580,9 @@ class HydraLoraLayer(BaseTunerLayer):
                 return A0.to(dtype_a), -B0.to(dtype_b)  # (r, k), (N, d, r)
 
         if grad:
-            dt = plan.dtype
-            return None, None, self._eval_cached(name + ".offset", (A0, B0), lambda: constants(dt, dt), constant=True)
+            dt = plan.dtype  # (one entry per GEMM dtype: autocast's can change between calls)
+            return None, None, self._eval_cached(f"{name}.offset.{dt}", (A0, B0), lambda: constants(dt, dt),
+                                                 constant=True)
 
         def stacked():
             with torch.inference_mode(False), torch.no_grad():
