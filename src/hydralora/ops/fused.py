@@ -100,16 +100,15 @@ def op_consts(scaling: float, temperature: float, dropout_p: float, training: bo
 def _forward(x2, res2, W0, bias, A, G, Bf, usage, weights, c: OpConsts, stats: bool = True):
     """(out (T, d), raw logits (T, N), gate (T, N), seed, z (T, N*R), h (T, R)) for 2-D contiguous inputs, one
     dtype; with stats=False raw, gate and h are None (not computed into memory)."""
-    if res2 is None:
-        # Base GEMM owned here, launched first: the GPU runs it while the host prepares the adapter's launches
-        # (where the host is behind, as at a step's start, the GPU would otherwise wait for them).
-        out = F.linear(x2, W0, bias)  # (T, d)
     seed = new_seed(x2.device) if c.dropout else None
     proj = launch.proj if c.triton else reference.proj
     z, h, gate, raw = proj(x2, A, G, seed, c.thr, c.inv_keep, c.scaling, c.inv_temp, c.dropout, usage,
                            weights, stats)  # (T, N*R), (T, R), (T, N), (T, N)
     if res2 is None:
-        out = out.addmm_(z, Bf.t())  # (T, d): the experts' update added in place (beta = 1)
+        # Base GEMM owned here: delta first (a 1-D bias rides in its epilogue), then the base GEMM adds into it
+        # in place (beta = 1; out of place, torch.addmm would first copy the delta into a new output).
+        # (F.linear: the transposes stay inside one ATen call, no Python call per transposed view)
+        out = F.linear(z, Bf, bias).addmm_(x2, W0.t())  # (T, d)
     elif res2.dtype == z.dtype and res2.is_contiguous():
         out = torch.addmm(res2, z, Bf.t())  # (T, d): residual add fused into the GEMM epilogue
     else:
