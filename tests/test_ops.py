@@ -63,6 +63,14 @@ def force_dispatch(monkeypatch):
     monkeypatch.setattr(fops, "supported", lambda *a, **k: True)
 
 
+def switch_dispatch(monkeypatch, switch: str):
+    """HYDRALORA_FUSED=0, or ('1') the fused dispatch forced on the CPU (force_dispatch)."""
+    if switch == "1":
+        force_dispatch(monkeypatch)
+    else:
+        monkeypatch.setenv("HYDRALORA_FUSED", "0")
+
+
 def params(layer):
     return layer.hydralora_A["default"], layer.hydralora_router["default"], layer.hydralora_B["default"]
 
@@ -573,10 +581,7 @@ def test_small_calls_without_a_graph_take_one_projection_and_mix(hooked, monkeyp
         layer._token_mask = (torch.arange(B * T).view(B, T) % 3 != 1)
         runs = {}
         for switch in ("0", "1"):
-            if switch == "1":
-                force_dispatch(monkeypatch)
-            else:
-                monkeypatch.setenv("HYDRALORA_FUSED", "0")
+            switch_dispatch(monkeypatch, switch)
             layer.reset_usage()
             seen.clear()
             with torch.inference_mode():
@@ -611,10 +616,7 @@ def test_sequence_routing_decode_steps_take_the_small_call_with_the_prompts_gate
              (torch.randn(4, 1, 48), False)]
     runs = {}
     for switch in ("0", "1"):
-        if switch == "1":
-            force_dispatch(monkeypatch)
-        else:
-            monkeypatch.setenv("HYDRALORA_FUSED", "0")
+        switch_dispatch(monkeypatch, switch)
         layer.reset_usage()
         layer._sequence_gate.clear()
         outs = []
