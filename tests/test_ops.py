@@ -1218,16 +1218,11 @@ def test_triton_kernels_compile_for_hopper(dropout):
         assert "ptx" in compiled.asm and compiled.asm["ptx"]
 
 
-@needs_gpu
-def test_checkpointed_fused_layer_recomputes_the_same_dropout_mask(monkeypatch):
-    """The fused path's seed comes from the CUDA generator's state, which non-reentrant activation checkpointing
-    saves and restores: the recompute regenerates the forward's mask, so output and gradients equal the plain run's
-    with the same seed (and a different seed gives other gradients)."""
+def _checkpointed_runs_agree(layer, x):
+    """A fused layer's output and gradients under non-reentrant checkpointing equal the plain run's with the same
+    seed (the recompute regenerates the forward's dropout mask), and a different seed gives other gradients."""
     from torch.utils.checkpoint import checkpoint
 
-    monkeypatch.setenv("HYDRALORA_FUSED", "1")
-    layer = make_layer(k=256, d=128, r=8, p=0.3, dtype=torch.bfloat16, device="cuda").train()
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     plan = layer._fused_plan(x)
     assert plan is not None and plan.base is not None  # the fused path (base inside the op) is the one under test
 
@@ -1243,6 +1238,28 @@ def test_checkpointed_fused_layer_recomputes_the_same_dropout_mask(monkeypatch):
     for a, b in zip(plain, ckpt):
         assert torch.equal(a, b)
     assert not torch.equal(run(False, seed=12)[2], plain[2])  # dA depends on the mask
+
+
+@pytest.mark.parametrize("init", ["zeros", "svd"])
+def test_checkpointed_fused_layer_recomputes_the_same_forward_on_the_cpu(init, monkeypatch):
+    """The fused op (PyTorch backend, forced on the CPU) under non-reentrant checkpointing: its seed comes from the
+    CPU generator, which checkpointing restores, so the recompute matches, with and without an init offset (whose
+    stacked factors are made again in the recompute)."""
+    force_dispatch(monkeypatch)
+    offset = dict(init_b="svd", init_a="svd") if init == "svd" else {}
+    layer = make_layer(k=48, d=40, r=4, p=0.3, **offset).train()
+    _checkpointed_runs_agree(layer, torch.randn(16, 48, requires_grad=True))
+
+
+@needs_gpu
+@pytest.mark.parametrize("init", ["zeros", "svd"])
+def test_checkpointed_fused_layer_recomputes_the_same_dropout_mask(init, monkeypatch):
+    """On the GPU the fused path's seed comes from the CUDA generator's state, which non-reentrant activation
+    checkpointing saves and restores: the recompute regenerates the forward's mask (_checkpointed_runs_agree)."""
+    monkeypatch.setenv("HYDRALORA_FUSED", "1")
+    offset = dict(init_b="svd", init_a="svd") if init == "svd" else {}
+    layer = make_layer(k=256, d=128, r=8, p=0.3, dtype=torch.bfloat16, device="cuda", **offset).train()
+    _checkpointed_runs_agree(layer, torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True))
 
 
 @needs_gpu
