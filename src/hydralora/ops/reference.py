@@ -65,18 +65,23 @@ def add_usage(sums: torch.Tensor, count: torch.Tensor, gate: torch.Tensor, weigh
     count.add_(w.sum())  # ()
 
 
-def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None, stats=True):
+def proj(x2, A, G, seed, thr, inv_keep, scaling, inv_temp, dropout, usage=None, weights=None, stats=True,
+         given_gate=None):
     """The projection kernel's function: (z (T, N*R) in x's dtype, h (T, R) fp32, gate (T, N) fp32, raw logits
     (T, N) fp32), the last three None with stats=False; usage (N + 1,) fp32 gets the gate sums and the token count
-    added in place (see add_usage)."""
+    added in place (see add_usage). given_gate (T, N) fp32: applied instead of the router's (raw logits None)."""
     T, K = x2.shape
     N, R = G.shape[0], A.shape[0]
     xd = x2
     if dropout:
         xd = x2.masked_fill(~keep_mask(T, K, seed, thr, x2.device), 0)  # (T, K)
     h = F.linear(xd, A).float() * inv_keep  # (T, R)
-    raw = F.linear(x2, G).float()  # (T, N)
-    gate = torch.softmax(raw * inv_temp, -1)  # (T, N)
+    raw = None
+    if given_gate is None:
+        raw = F.linear(x2, G).float()  # (T, N)
+        gate = torch.softmax(raw * inv_temp, -1)  # (T, N)
+    else:
+        gate = given_gate  # (T, N)
     z = ((gate * scaling).unsqueeze(-1) * h.unsqueeze(1)).reshape(T, N * R).to(x2.dtype)  # (T, N*R)
     if usage is not None:
         add_usage(usage[:N], usage[N], gate, weights)
@@ -87,14 +92,8 @@ def proj_mix(x2, res, A, G, Bf, out, scaling, inv_temp, usage=None, weights=None
     """The small-call kernel's function: out (T, d) = res + scaling * sum_n gate_n B_n A x2 (no dropout), z rounded
     to x's dtype before the B product; out may be res; gate (T, N) fp32: applied instead of the router's. Returns
     out."""
-    if gate is None:
-        z = proj(x2, A, G, None, 0, 1.0, scaling, inv_temp, False, usage, weights, stats=False)[0]  # (T, N*R)
-    else:
-        T, N, R = x2.shape[0], G.shape[0], A.shape[0]
-        h = F.linear(x2, A).float()  # (T, R)
-        z = ((gate * scaling).unsqueeze(-1) * h.unsqueeze(1)).reshape(T, N * R).to(x2.dtype)  # (T, N*R)
-        if usage is not None:
-            add_usage(usage[:N], usage[N], gate, weights)
+    z = proj(x2, A, G, None, 0, 1.0, scaling, inv_temp, False, usage, weights, stats=False,
+             given_gate=gate)[0]  # (T, N*R)
     return torch.add(res, F.linear(z, Bf).to(res.dtype), out=out)  # (T, d)
 
 

@@ -545,13 +545,12 @@ class HydraLoraLayer(BaseTunerLayer):
         name = plan.name
         usage, weights = self._usage_target(name, x)
         grad = torch.is_grad_enabled()
-        B_flat = None
-        if not grad and not plan.init_offset:
-            B = plan.B
-            B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
-        factors = offset = None
+        B_flat = factors = offset = None
         if plan.init_offset:
             factors, B_flat, offset = self._offset_operands(plan, grad)
+        elif not grad:
+            B = plan.B
+            B_flat = self._eval_cached(name + ".B", (B,), lambda: _flat_B(B))  # (d, N*r)
         given = self._decode_gate(name, x) if self.routing_mode == "sequence" else None  # (T, N) or None
         # Eval without a graph (generation): no loss to record and the usage counted inside the op, so the op
         # writes no routing outputs (logits and gate None).
@@ -630,7 +629,7 @@ class HydraLoraLayer(BaseTunerLayer):
         (build reads only tensors that do not train) whether or not a graph is recorded.
 
         Parameters change only in place (optimizer steps, load_state_dict) or by moving, which bump `_version` or
-        change `data_ptr`; either invalidates the entry. With grad enabled nothing is cached (the graph is needed).
+        change `data_ptr`; either invalidates the entry. With grad enabled nothing else is cached (the graph is needed).
         Sharded engines that rewrite a parameter's storage without an in-place op (not seen with DDP; unverified
         for FSDP evaluation between steps) would defeat the stamp: `layer._weight_cache.clear()` resets it.
         """
