@@ -26,6 +26,10 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 OPTIMIZERS = ("fused", "foreach")  # AdamW implementations (trainer_step)
 
+# The `ours svd` variants' adapter settings beside r, N and dropout: configs/hydralora-best.yaml's SVD init (whose
+# frozen offset the fused op runs stacked under A and B) and router temperature; its routing warm-start needs labels.
+SVD_PRESET = {"init_b": "svd", "init_a": "svd", "router_temperature": 0.1}
+
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)

@@ -64,7 +64,7 @@ def build(variant, k, d, dev, dt, args):
         C.adapter_dtype_(trainable, args)
         return layer, trainable
     svd = variant.startswith("ours svd")
-    preset = dict(init_b="svd", init_a="svd", router_temperature=0.1) if svd else {}
+    preset = C.SVD_PRESET if svd else {}
     cfg = hydralora.HydraLoraConfig(r=args.r, num_experts=args.experts, lora_dropout=args.dropout,
                                     target_modules=["proj"], **preset)
     pm = C.get_peft_model(one, cfg, args)

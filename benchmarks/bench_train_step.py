@@ -65,7 +65,7 @@ def attach(variant, model, targets, args):
         C.adapter_dtype_(trainable, args)
         return model, trainable
     svd = variant.startswith("ours svd")
-    preset = dict(init_b="svd", init_a="svd", router_temperature=0.1) if svd else {}
+    preset = C.SVD_PRESET if svd else {}
     cfg = hydralora.HydraLoraConfig(r=8, num_experts=args.experts, lora_dropout=args.dropout, target_modules=tm,
                                     task_type="CAUSAL_LM", **preset)
     pm = C.get_peft_model(model, cfg, args)

@@ -38,6 +38,10 @@ import warnings
 import peft
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common as C  # noqa: E402
+
 import hydralora
 from hydralora.ops import fused as F
 
@@ -90,7 +94,7 @@ def make(kind, train):
     if kind == "peft":
         cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["0"])
     else:
-        preset = dict(init_b="svd", init_a="svd", router_temperature=0.1) if kind.startswith("ours svd") else {}
+        preset = C.SVD_PRESET if kind.startswith("ours svd") else {}
         cfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3, target_modules=["0"],
                                         **preset)
     m = peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
@@ -113,8 +117,13 @@ def caller(layer, mode):
     return call
 
 
-def measure(kind, mode, n=2000):
+def switch_for(kind):
+    """HYDRALORA_FUSED for a kind: '0' for the eager kinds, else the default dispatch."""
     os.environ["HYDRALORA_FUSED"] = "0" if kind.endswith("eager") else "auto"
+
+
+def measure(kind, mode, n=2000):
+    switch_for(kind)
     layer = make(kind, mode == "train")
     call = caller(layer, mode)
     ctx = torch.inference_mode if mode == "decode" else torch.enable_grad
@@ -144,8 +153,7 @@ def generate_ms_per_token(rounds: int) -> dict:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench_generate import gen_seconds
+    from bench_generate import gen_seconds  # (benchmarks/ is on sys.path, for _common)
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=4 * d, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
@@ -164,8 +172,7 @@ def generate_ms_per_token(rounds: int) -> dict:
     ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(0))
 
     def seconds(model, n):  # bench_generate's timed greedy generate of exactly n new tokens (inference mode)
-        eager = model is nets.get("ours sequence eager")
-        os.environ["HYDRALORA_FUSED"] = "0" if eager else "auto"
+        switch_for("eager" if model is nets.get("ours sequence eager") else "fused")
         return gen_seconds(model, ids, n, "cpu")
 
     runs = {k: [] for k in nets}
@@ -222,7 +229,7 @@ for mode in ("decode", "train"):
 if args.stub_kernels:  # the train call's forward and backward apart, in turns, best of three rounds
     for _ in range(3):
         for kind in kinds:
-            os.environ["HYDRALORA_FUSED"] = "0" if kind.endswith("eager") else "auto"
+            switch_for(kind)
             layer = make(kind, True)
             x = torch.randn(1, 8, d, dtype=torch.bfloat16, requires_grad=True)
             dy = torch.randn(1, 8, d, dtype=torch.bfloat16)
