@@ -273,8 +273,9 @@ def resident_bytes(module: torch.nn.Module, optimizer=None) -> int:
 def take_turns(steps: dict, device: str, repeats: int, inner: int = 1, seed: int = 0) -> dict:
     """Time every variant in turns: each round times each variant once (`inner` calls back to back), in an order
     shuffled per round (seeded), so the host's drift and a neighbour's after-effects fall on all variants alike.
-    steps: {name: (step, context factory)}. Returns {name: time_ms-like dict with the rounds' median, min, max and,
-    on CUDA, the host's median time to issue one call}."""
+    steps: {name: (step, context factory)}. Returns {name: time_ms-like dict with the rounds' median, min, max, the
+    rounds' times in round order (`rounds_ms`, for paired_ratio) and, on CUDA, the host's median time to issue one
+    call}."""
     samples = {v: [] for v in steps}
     host = {v: [] for v in steps}
     rng = random.Random(seed)
@@ -289,12 +290,22 @@ def take_turns(steps: dict, device: str, repeats: int, inner: int = 1, seed: int
             if "host_ms" in t:
                 host[v].append(t["host_ms"])
     out = {}
-    for v, s in samples.items():
-        s = sorted(s)
-        out[v] = {"ms": statistics.median(s), "min_ms": s[0], "max_ms": s[-1], "n": len(s), "samples_ms": s}
+    for v, rounds in samples.items():
+        s = sorted(rounds)
+        out[v] = {"ms": statistics.median(s), "min_ms": s[0], "max_ms": s[-1], "n": len(s), "samples_ms": s,
+                  "rounds_ms": rounds}
         if host[v]:
             out[v]["host_ms"] = statistics.median(host[v])
     return out
+
+
+def paired_ratio(num: Optional[list], den: Optional[list]) -> Optional[float]:
+    """Median over rounds of num[i] / den[i], two variants' figures from the same rounds in round order (None where
+    either is missing or they differ in length). A ratio within a round sees one host speed: the host drifts by tens
+    of percent within a minute on the GPU machines measured, which a ratio of the two medians would carry."""
+    if not num or not den or len(num) != len(den):
+        return None
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def randomize_(tensors: Iterable[torch.Tensor], std: float = 0.02, seed: int = 0) -> None:

@@ -7,7 +7,8 @@ and of HydraLoRA merged under a fixed gate vs the base model, all in one run.
 Decode time = time(generate N new tokens) - time(generate 1 new token) (the prefill), so
 decode tok/s = batch * (N - 1) / decode time. Greedy, no EOS, adapters on q_proj and v_proj.
 Each variant is its own copy of the model, and the variants take turns: every repeat times each of them once,
-in alternating order, and a variant's figure is its median over the repeats. Decoding is bound by the host, whose
+in alternating order; a variant's figure is its median over the repeats, a ratio the median of the repeats' own
+ratios (paired: one host speed in each). Decoding is bound by the host, whose
 speed drifts by tens of percent over a minute on the GPU machines measured (the same F.linear call took 27 and
 45 us in one process): timed one after the other, variants compared the host's moments, not themselves.
 On CUDA also the GPU busy time per decode step (torch.profiler's kernel durations over a generate of --gpu-tokens
@@ -141,7 +142,8 @@ def add_ratios(rows):
             o = next((o for o in same if o["variant"] == ref), None)
             if o is None:  # not among --variants
                 continue
-            r[f"x_{col}"] = r["decode_tok_s"] / o["decode_tok_s"]
+            paired = C.paired_ratio(r.get("decode_tok_s_runs"), o.get("decode_tok_s_runs"))  # within repeats
+            r[f"x_{col}"] = paired if paired is not None else r["decode_tok_s"] / o["decode_tok_s"]
             if "gpu_ms_step" in r:  # a speed ratio, like x_base / x_peft: the other's time over this one's
                 r[f"gpu_x_{col}"] = o["gpu_ms_step"] / r["gpu_ms_step"]
 

@@ -154,7 +154,7 @@ def main():
         v = row["variant"]
         if v in timed:
             t = timed[v]
-            row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], n=t["n"])
+            row.update(ms=t["ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], n=t["n"], rounds_ms=t["rounds_ms"])
             if "host_ms" in t:
                 row["host_ms"] = t["host_ms"]
             if cuda:  # the GPU's own cost per call: what the step would take on a host fast enough for the GPU
@@ -165,8 +165,9 @@ def main():
     for r in rows:
         for name, col in (("base", "x_base"), ("peft r8", "x_peft_r8")):
             o = ref[name]
-            if "ms" in r and o:
-                r[col] = r["ms"] / o["ms"]
+            if "ms" in r and o:  # paired within rounds (C.paired_ratio), else the ratio of the medians
+                paired = C.paired_ratio(r.get("rounds_ms"), o.get("rounds_ms"))
+                r[col] = paired if paired is not None else r["ms"] / o["ms"]
             if r.get("gpu_ms") and o and o.get("gpu_ms"):
                 r["gpu_" + col] = r["gpu_ms"] / o["gpu_ms"]
     cols = [("variant", "variant", 0), ("ms", "ms", 3), ("x_base", "x base", 2), ("x_peft_r8", "x PEFT r8", 2)]

@@ -88,7 +88,8 @@ def summarize(rows):
         if "tok_s" not in r or lora is None:
             continue
         r["ktok_s"] = r["tok_s"] / 1e3
-        r["vs_peft"] = r["tok_s"] / lora["tok_s"]
+        paired = C.paired_ratio(lora.get("step_ms_rounds"), r.get("step_ms_rounds"))  # tok/s: PEFT's time over ours
+        r["vs_peft"] = paired if paired is not None else r["tok_s"] / lora["tok_s"]
         if r.get("peak_gib") and lora.get("peak_gib"):
             r["mem_vs_peft"] = r["peak_gib"] / lora["peak_gib"]
         matched = _peer(rows, r, "peft r18", "peak_gib")
@@ -169,7 +170,7 @@ def main():
             for row in combo:
                 v = row["variant"]
                 if v in timed:
-                    row.update(step_ms=timed[v]["ms"], step_ms_runs=timed[v]["samples_ms"],
+                    row.update(step_ms=timed[v]["ms"], step_ms_runs=timed[v]["samples_ms"], step_ms_rounds=timed[v]["rounds_ms"],
                                tok_s=tokens / timed[v]["ms"] * 1e3,
                                trainable_m=sum(p.numel() for p in nets[v][2]) / 1e6)
                     step, ctx = steps[v]

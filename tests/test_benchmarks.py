@@ -159,6 +159,32 @@ def test_generate_variants_take_turns(monkeypatch):
     assert out["a"][2] == pytest.approx([2.0, 2.0])  # decode seconds of each repeat
 
 
+def test_ratios_are_paired_within_rounds(monkeypatch):
+    """take_turns keeps each variant's times in round order, and a ratio is the median of the rounds' own ratios:
+    a host that slows down in some rounds moves both variants of a round, not their ratio."""
+    import contextlib
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common as C
+
+    host = iter([1.0, 1.0, 3.0, 3.0, 1.0, 1.0])  # the middle round runs on a 3x slower host
+    clock = {"t": 0.0}
+
+    def step(cost):
+        def run():
+            clock["t"] += cost * next(host)
+        return run
+
+    monkeypatch.setattr(C.time, "perf_counter", lambda: clock["t"])
+    out = C.take_turns({"a": (step(1.0), contextlib.nullcontext), "b": (step(2.0), contextlib.nullcontext)},
+                       "cpu", repeats=3)
+    a, b = out["a"]["rounds_ms"], out["b"]["rounds_ms"]
+    assert a[1] == pytest.approx(3 * a[0]) and b[1] == pytest.approx(3 * b[0])  # round order kept
+    assert C.paired_ratio(b, a) == pytest.approx(2.0)
+    assert C.paired_ratio([2.0, 6.0, 2.0], [1.0, 1.0, 3.0]) == pytest.approx(2.0)  # the rounds' median, not 6/1
+    assert C.paired_ratio([1.0], [1.0, 2.0]) is None and C.paired_ratio(None, [1.0]) is None
+
+
 def test_thanora_init_benchmark_times_the_init_and_compares_two_inits(toy, tmp_path):
     args = ["--model", str(toy / "model"), "--data", str(toy / "mix.jsonl"), "--r", "4", "--examples", "6",
             "--max-length", "32", "--threads", "1"]

@@ -23,6 +23,9 @@ from dropout_hash_cost import time_kernels, tk  # noqa: E402
 
 PROJ = [(64, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 3), (32, 128, 2, 3),
         (16, 128, 2, 3), (32, 256, 4, 3), (16, 256, 4, 3)]  # (BT, BK, warps, stages)
+# More warps per program: at 4096 tokens one 32-row program per SM runs one warp per scheduler, and the hash's
+# dependent integer ops wait on their latency.
+PROJ_WARPS = [(32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 128, 8, 3), (32, 256, 8, 3), (64, 64, 8, 3)]
 BWD = [(64, 64, 2, 4, 3), (64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (32, 64, 4, 4, 3), (32, 64, 2, 4, 3),
        (128, 64, 4, 8, 3)]  # (BT, BK, KSPLIT, warps, stages)
 
@@ -30,8 +33,12 @@ BWD = [(64, 64, 2, 4, 3), (64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (32, 64, 4, 4, 3
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x11008,8192x4096", help="TxK list")
+    p.add_argument("--proj", choices=["list", "warps"], default="list",
+                   help="list: the projection configs PROJ beside the backward's BWD; warps: PROJ_WARPS (8 warps)")
+    p.add_argument("--dropout", choices=["both", "on"], default="both")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    proj_list, bwd_list = (PROJ, BWD) if args.proj == "list" else (PROJ_WARPS, [])
     if not torch.cuda.is_available():
         sys.exit("kernel_configs.py needs a CUDA device")
     rows = []
@@ -43,13 +50,14 @@ def main():
 
     for shape in args.shapes.split(","):
         T, K = (int(s) for s in shape.split("x"))
-        for dropout in (True, False):
+        for dropout in (True, False) if args.dropout == "both" else (True,):
             auto = time_kernels(tk, T, K, dropout)
             rows.append({"T": T, "K": K, "dropout": dropout, "config": "autotuned", **auto})
             print(f"T={T} K={K} dropout={dropout}: autotuned proj {auto['proj_us']:.1f} us "
                   f"{auto.get('proj_chosen')}, bwd {auto['bwd_us']:.1f} us {auto.get('bwd_chosen')}", flush=True)
-            bwds = BWD + [(None,) * 5] * (len(PROJ) - len(BWD))  # later proj configs: the chosen bwd config
-            for (bt, bk, w, s), (bbt, bbk, ks, bw, bs) in zip(PROJ, bwds):
+            # the projection configs past bwd_list's length time the backward with its autotuned config
+            bwds = bwd_list + [(None,) * 5] * (len(proj_list) - len(bwd_list))
+            for (bt, bk, w, s), (bbt, bbk, ks, bw, bs) in zip(proj_list, bwds):
                 pc = {"BT": bt, "BK": bk, "num_warps": w, "num_stages": s}
                 bc = None if bbt is None else {"BK": bbk, "KSPLIT": ks, "num_warps": bw, "num_stages": bs}
                 try:
