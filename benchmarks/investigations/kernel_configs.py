@@ -25,7 +25,8 @@ PROJ = [(64, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3), (16, 
         (16, 128, 2, 3), (32, 256, 4, 3), (16, 256, 4, 3)]  # (BT, BK, warps, stages)
 # More warps per program: at 4096 tokens one 32-row program per SM runs one warp per scheduler, and the hash's
 # dependent integer ops wait on their latency. The first: the 4-warp config they are compared with.
-PROJ_WARPS = [(32, 128, 4, 3), (32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 128, 8, 3), (32, 256, 8, 3), (64, 64, 8, 3)]
+PROJ_WARPS = [(32, 128, 4, 3), (32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 128, 8, 3), (32, 256, 8, 3),
+              (64, 64, 8, 3)]
 BWD = [(64, 64, 2, 4, 3), (64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (32, 64, 4, 4, 3), (32, 64, 2, 4, 3),
        (128, 64, 4, 8, 3)]  # (BT, BK, KSPLIT, warps, stages)
 
