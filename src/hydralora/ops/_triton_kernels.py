@@ -53,10 +53,9 @@ def _fwd_configs():
     out = []
     # H200, 8192 x 4096 (results/perf/2026-12-01/breakdown_and_sweep.json): BT=64 with BK=256/8 warps or BK=128 fastest.
     # At 4096 tokens 64-row blocks leave half of an H100's or H200's 132 SMs idle: with dropout 32x128 is the fastest
-    # there (H100: 42.5 us against 55.6 for 64x128 at 4096 x 4096; results/perf/2026-12-07/h100-configs). With one
-    # such 4-warp program per SM the hash's dependent integer ops wait on their latency: 8 warps per program hide it.
+    # there (H100: 42.5 us against 55.6 for 64x128 at 4096 x 4096; results/perf/2026-12-07/h100-configs).
     for bt, bk, w, s in [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 256, 8, 3),
-                         (128, 64, 8, 3), (32, 128, 4, 3), (32, 128, 8, 3), (16, 128, 8, 3)]:
+                         (128, 64, 8, 3), (32, 128, 4, 3)]:
         out.append(triton.Config({"BT": bt, "BK": bk}, num_warps=w, num_stages=s))
     return out
 
