@@ -19,6 +19,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 }
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
   git log -1 --format='commit %H' 2>/dev/null
+  # a copied working tree may carry a stale .git: the library's own files identify the code measured
+  echo "src sha256 $(find src -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)"
   python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 } >"$out/env.txt" 2>&1
 step tests 150 env HYDRALORA_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ops.py

@@ -23,8 +23,8 @@ from dropout_hash_cost import time_kernels, tk  # noqa: E402
 
 PROJ = [(64, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 3), (32, 128, 2, 3),
         (16, 128, 2, 3), (32, 256, 4, 3), (16, 256, 4, 3)]  # (BT, BK, warps, stages)
-# More warps per program: at 4096 tokens one 32-row program per SM runs one warp per scheduler, and the hash's
-# dependent integer ops wait on their latency. The first: the 4-warp config they are compared with.
+# More warps per program (at 4096 tokens one 32-row, 4-warp program per SM runs one warp per scheduler): on the H100
+# each is slower than the 4-warp config listed first (results/perf/2026-12-07/h100-suite-paired).
 PROJ_WARPS = [(32, 128, 4, 3), (32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 128, 8, 3), (32, 256, 8, 3),
               (64, 64, 8, 3)]
 BWD = [(64, 64, 2, 4, 3), (64, 64, 4, 4, 3), (64, 64, 8, 4, 3), (32, 64, 4, 4, 3), (32, 64, 2, 4, 3),
