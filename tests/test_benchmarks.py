@@ -283,3 +283,17 @@ def test_dispatch_host_cost_times_a_greedy_decode_through_the_fused_dispatch(tmp
     assert gen["ours: fused layer calls per forward"] == 16  # q_proj and v_proj of 8 layers
     assert gen["ours / peft r8, median"] == pytest.approx(gen["ours"]["median_ms"] / gen["peft r8"]["median_ms"],
                                                           abs=2e-3)
+
+
+def test_dispatch_host_cost_times_a_train_step_through_the_peft_model_by_phase(tmp_path):
+    """--phases: host us of a trainer step's forward, backward, AdamW step and zero_grad through each PeftModel, and
+    the ratio of the steps' sums."""
+    out = tmp_path / "phases.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "investigations" / "dispatch_host_cost.py"), "--phases",
+                           "--stub-kernels", "--kinds", "peft,ours", "--json", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    phases = res["train step through the PeftModel, host us (forward, backward, AdamW step, zero_grad)"]
+    assert set(phases) == {"peft", "ours"} and all(len(v) == 4 and min(v) > 0 for v in phases.values())
+    assert res["train step ours/peft us"] == pytest.approx(sum(phases["ours"]) / sum(phases["peft"]), abs=2e-3)

@@ -14,6 +14,11 @@ backward apart.
     python benchmarks/investigations/dispatch_host_cost.py --generate --stub-kernels
     python benchmarks/investigations/dispatch_host_cost.py --stub-kernels --features 32 --kinds "peft,ours svd,ours svd eager"
 
+--phases times a trainer step through the PeftModel instead (forward, backward, fused AdamW step, zero_grad),
+host us per phase: what the model-level hooks and the optimizer's per-tensor work add to the layer's own cost.
+
+    python benchmarks/investigations/dispatch_host_cost.py --phases --stub-kernels --features 32
+
 --generate times bench_generate.py's batch-1 greedy decode instead (q_proj and v_proj adapted, a 32-token prompt)
 on an 8-layer LLaMA with tiny features: host milliseconds per new token, base vs PEFT LoRA r=8 vs HydraLoRA through
 the fused dispatch, in turns: the layer calls together with the model-level hooks and transformers' own loop.
@@ -53,6 +58,7 @@ ap.add_argument("--json", default=None)
 ap.add_argument("--stub-kernels", action="store_true", help="the kernels as output allocations (see above)")
 ap.add_argument("--generate", action="store_true", help="time a greedy decode per new token (see above)")
 ap.add_argument("--rounds", type=int, default=15, help="--generate: timed rounds (each times every variant once)")
+ap.add_argument("--phases", action="store_true", help="time a trainer step through the PeftModel by phase (see above)")
 ap.add_argument("--sequence", action="store_true", help="--generate: also ours under sequence routing, fused and eager")
 ap.add_argument("--kinds", default="peft,ours", help="comma list: peft, ours, ours svd, ours eager, ours svd eager")
 args = ap.parse_args()
@@ -89,7 +95,8 @@ if args.stub_kernels:
     reference.proj, reference.bwd_x, reference.proj_mix = _proj, _bwd_x, _proj_mix
 
 
-def make(kind, train):
+def make_model(kind, train):
+    """The kind's PeftModel around one d x d projection, in bf16."""
     base = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False))
     if kind == "peft":
         cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["0"])
@@ -98,8 +105,38 @@ def make(kind, train):
         cfg = hydralora.HydraLoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3, target_modules=["0"],
                                         **preset)
     m = peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
-    m.to(torch.bfloat16).train(train)
-    return m.base_model.model[0]
+    return m.to(torch.bfloat16).train(train)
+
+
+def make(kind, train):
+    """The kind's tuner layer (make_model's projection)."""
+    return make_model(kind, train).base_model.model[0]
+
+
+def step_phases(kind, n):
+    """Host us per phase of a trainer step through the kind's PeftModel (forward, backward, fused AdamW step,
+    zero_grad): the model-level hooks and the optimizer's per-tensor work as well as the layer's own."""
+    switch_for(kind)
+    m = make_model(kind, True)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    x = torch.randn(1, 8, d, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(1, 8, d, dtype=torch.bfloat16)
+    acc = [0.0] * 4
+    for i in range(n + 200):  # 200 warm-up steps
+        t0 = time.perf_counter()
+        y = m(x)
+        t1 = time.perf_counter()
+        y.backward(dy)
+        x.grad = None
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if i >= 200:
+            for j, dt in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                acc[j] += dt
+    return [a / n * 1e6 for a in acc]
 
 
 def caller(layer, mode):
@@ -205,6 +242,27 @@ def generate_ms_per_token(rounds: int) -> dict:
             out[f"{k} / peft r8, median"] = round(out[k]["median_ms"] / out["peft r8"]["median_ms"], 3)
     return out
 
+
+if args.phases:
+    kinds = [k.strip() for k in args.kinds.split(",")]
+    best = {}
+    for _ in range(3):  # in turns, best of three rounds, phase by phase
+        for kind in kinds:
+            now = step_phases(kind, 1000)
+            best[kind] = [min(a, b) for a, b in zip(best.get(kind, now), now)]
+    res = {"layout": layout, "features": d, "stub_kernels": args.stub_kernels,
+           "train step through the PeftModel, host us (forward, backward, AdamW step, zero_grad)":
+               {k: [round(v, 1) for v in ph] for k, ph in best.items()},
+           "train step host us": {k: round(sum(ph), 1) for k, ph in best.items()}}
+    if "peft" in best:
+        for k in kinds:
+            if k != "peft":
+                res[f"train step {k}/peft us"] = round(sum(best[k]) / sum(best["peft"]), 3)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    raise SystemExit(0)
 
 if args.generate:
     res = {"layout": layout, "features": d, "stub_kernels": args.stub_kernels,
