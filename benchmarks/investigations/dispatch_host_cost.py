@@ -113,6 +113,19 @@ def make(kind, train):
     return make_model(kind, train).base_model.model[0]
 
 
+def forward_us(m, x, n=2000):
+    """Host us of one forward of m(x), best of five rounds of n."""
+    for _ in range(200):
+        m(x)
+    best = 1e9
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            m(x)
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return round(best, 1)
+
+
 def step_phases(kind, n):
     """Host us per phase of a trainer step through the kind's PeftModel (forward, backward, fused AdamW step,
     zero_grad): the model-level hooks and the optimizer's per-tensor work as well as the layer's own."""
@@ -258,6 +271,15 @@ if args.phases:
         for k in kinds:
             if k != "peft":
                 res[f"train step {k}/peft us"] = round(sum(best[k]) / sum(best["peft"]), 3)
+    # what the model-level hooks cost a forward: torch's call path for a hooked module and the hooks' own bodies
+    for k in [k for k in kinds if k.startswith("ours")]:
+        switch_for(k)
+        m = make_model(k, True)
+        x = torch.randn(1, 8, d, dtype=torch.bfloat16, requires_grad=True)
+        hooked = forward_us(m, x)
+        for handle in m.base_model._hydra_hooks:
+            handle.remove()
+        res[f"{k}: model forward us, with / without the model-level hooks"] = [hooked, forward_us(m, x)]
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:
