@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/performance.md in one command, 3-6 minutes on one H100 or H200:
+# The GPU measurements of docs/performance.md in one command, about 5 minutes on one H100 or H200:
 #   bash benchmarks/gpu_suite.sh [OUTDIR]          (default: $OUT)
 # The fused op's GPU tests (pytest -m gpu, kernels without autotuning), then, each under a time limit and writing
 # JSON as it goes: the layer step, the LLaMA-7B-shaped train step and decode; a failing or cut step does not stop
@@ -28,6 +28,6 @@ step layer 45 python3 benchmarks/bench_layer.py --device cuda --repeats 15 \
   --variants "base,peft r8,ours,ours eager,ours svd" --json "$out/layer.json"
 step train_step 100 python3 benchmarks/bench_train_step.py --device cuda --steps 4 --warmup 2 \
   --variants "base,peft r8,peft r18,ours" --json "$out/train_step.json"
-step generate 150 python3 benchmarks/bench_generate.py --device cuda --models llama7b-8l --new-tokens 48 --repeats 3 \
+step generate 150 python3 benchmarks/bench_generate.py --device cuda --models llama7b-8l --new-tokens 48 --repeats 5 \
   --gpu-tokens 9 --variants base,peft,token,sequence,merged --json "$out/generate.json"
 python3 benchmarks/perf_tables.py "$out" --out "$out/tables.md"
