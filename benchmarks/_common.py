@@ -246,6 +246,24 @@ def adamw(params: list, optim: str = "fused") -> Optional[torch.optim.AdamW]:
     return torch.optim.AdamW(params, lr=1e-4, **{optim: True}) if params else None
 
 
+def phase_seconds(net, x: torch.Tensor, dy: torch.Tensor, opt) -> tuple[float, float, float, float]:
+    """One trainer step of net on x, timed by phase on the host: (forward, backward with dy, optimizer step,
+    zero_grad) seconds; the last two 0 without an optimizer. x's gradient is cleared after the backward."""
+    t0 = time.perf_counter()
+    y = net(x)
+    t1 = time.perf_counter()
+    y.backward(dy)
+    x.grad = None
+    t2 = time.perf_counter()
+    t3 = t4 = t2
+    if opt is not None:
+        opt.step()
+        t3 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, t4 - t3
+
+
 def trainer_step(forward_backward: Callable[[], None], params: list, optim: str = "fused") -> Callable[[], None]:
     """What a trainer runs per step: forward, loss and backward (forward_backward), then an AdamW step (`adamw`) over
     the trainable params and zero_grad (grads set to None)."""

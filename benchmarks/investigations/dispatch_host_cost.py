@@ -136,19 +136,10 @@ def step_phases(kind, n):
     dy = torch.randn(1, 8, d, dtype=torch.bfloat16)
     acc = [0.0] * 4
     for i in range(n + 200):  # 200 warm-up steps
-        t0 = time.perf_counter()
-        y = m(x)
-        t1 = time.perf_counter()
-        y.backward(dy)
-        x.grad = None
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        times = C.phase_seconds(m, x, dy, opt)
         if i >= 200:
-            for j, dt in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                acc[j] += dt
+            for j, t in enumerate(times):
+                acc[j] += t
     return [a / n * 1e6 for a in acc]
 
 

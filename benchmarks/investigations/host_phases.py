@@ -92,20 +92,9 @@ def phases(variant: str, T: int, K: int, dev: str, dt, args, n: int) -> dict:
     acc = {"forward": 0.0, "backward": 0.0, "optimizer step": 0.0, "zero_grad": 0.0}
 
     def step(record: bool):
-        t0 = time.perf_counter()
-        y = net(x)
-        t1 = time.perf_counter()
-        y.backward(dy)
-        x.grad = None
-        t2 = time.perf_counter()
-        t3 = t4 = t2
-        if opt is not None:
-            opt.step()
-            t3 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            t4 = time.perf_counter()
+        times = C.phase_seconds(net, x, dy, opt)
         if record:
-            for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            for k, v in zip(acc, times):
                 acc[k] += v
 
     for _ in range(20):
