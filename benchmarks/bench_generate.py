@@ -8,9 +8,9 @@ Decode time = time(generate N new tokens) - time(generate 1 new token) (the pref
 decode tok/s = batch * (N - 1) / decode time. Greedy, no EOS, adapters on q_proj and v_proj.
 Each variant is its own copy of the model, and the variants take turns: every repeat times each of them once,
 in alternating order; a variant's figure is its median over the repeats, a ratio the median of the repeats' own
-ratios (paired: one host speed in each). Decoding is bound by the host, whose
-speed drifts by tens of percent over a minute on the GPU machines measured (the same F.linear call took 27 and
-45 us in one process): timed one after the other, variants compared the host's moments, not themselves.
+ratios (paired: one host speed in each). Decoding is bound by the host, whose speed drifts by tens of percent over
+a minute on the GPU machines measured (the same F.linear call took 27 and 45 us in one process): timed one after
+the other, variants compared the host's moments, not themselves.
 On CUDA also the GPU busy time per decode step (torch.profiler's kernel durations over a generate of --gpu-tokens
 new tokens minus those of a 1-token generate, per step): decode's cost on the GPU alone. Decoding is bound by the
 host on the machines measured so far (tokens/s then moves with the host's speed, up to 50% between rows), while

@@ -170,8 +170,8 @@ def main():
             for row in combo:
                 v = row["variant"]
                 if v in timed:
-                    row.update(step_ms=timed[v]["ms"], step_ms_runs=timed[v]["samples_ms"], step_ms_rounds=timed[v]["rounds_ms"],
-                               tok_s=tokens / timed[v]["ms"] * 1e3,
+                    row.update(step_ms=timed[v]["ms"], step_ms_runs=timed[v]["samples_ms"],
+                               step_ms_rounds=timed[v]["rounds_ms"], tok_s=tokens / timed[v]["ms"] * 1e3,
                                trainable_m=sum(p.numel() for p in nets[v][2]) / 1e6)
                     step, ctx = steps[v]
                     with ctx():
