@@ -292,7 +292,7 @@ def take_turns(steps: dict, device: str, repeats: int, inner: int = 1, seed: int
     """Time every variant in turns: each round times each variant once (`inner` calls back to back), in an order
     shuffled per round (seeded), so the host's drift and a neighbour's after-effects fall on all variants alike.
     steps: {name: (step, context factory)}. Returns {name: time_ms-like dict with the rounds' median, min, max, the
-    rounds' times in round order (`rounds_ms`, for paired_ratio) and, on CUDA, the host's median time to issue one
+    rounds' times in round order (`rounds_ms`, for paired_ratio) and, on CUDA, the host's median time to launch one
     call}."""
     samples = {v: [] for v in steps}
     host = {v: [] for v in steps}
