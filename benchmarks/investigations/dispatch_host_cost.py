@@ -113,15 +113,15 @@ def make(kind, train):
     return make_model(kind, train).base_model.model[0]
 
 
-def forward_us(m, x, n=2000):
-    """Host us of one forward of m(x), best of five rounds of n."""
+def best_us(fn, n, rounds):
+    """Host us of one call of fn, after 200 warm-up calls: the best of `rounds` rounds of n calls."""
     for _ in range(200):
-        m(x)
+        fn()
     best = 1e9
-    for _ in range(5):
+    for _ in range(rounds):
         t = time.perf_counter()
         for _ in range(n):
-            m(x)
+            fn()
         best = min(best, (time.perf_counter() - t) / n * 1e6)
     return round(best, 1)
 
@@ -169,20 +169,13 @@ def measure(kind, mode, n=2000):
     call = caller(layer, mode)
     ctx = torch.inference_mode if mode == "decode" else torch.enable_grad
     with ctx():
-        for _ in range(200):
-            call()
-        best = 1e9
-        for _ in range(7):
-            t = time.perf_counter()
-            for _ in range(n):
-                call()
-            best = min(best, (time.perf_counter() - t) / n * 1e6)
+        best = best_us(call, n, 7)
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(100):
             call()
         pr.disable()
-    return round(best, 1), pstats.Stats(pr).total_calls // 100, layer, call
+    return best, pstats.Stats(pr).total_calls // 100, layer, call
 
 
 def generate_ms_per_token(rounds: int) -> dict:
@@ -267,10 +260,10 @@ if args.phases:
         switch_for(k)
         m = make_model(k, True)
         x = torch.randn(1, 8, d, dtype=torch.bfloat16, requires_grad=True)
-        hooked = forward_us(m, x)
+        hooked = best_us(lambda: m(x), 2000, 5)
         for handle in m.base_model._hydra_hooks:
             handle.remove()
-        res[f"{k}: model forward us, with / without the model-level hooks"] = [hooked, forward_us(m, x)]
+        res[f"{k}: model forward us, with / without the model-level hooks"] = [hooked, best_us(lambda: m(x), 2000, 5)]
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:
